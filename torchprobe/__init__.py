@@ -1,0 +1,27 @@
+"""torchprobe: where, and why, a PyTorch model's numerics go wrong in lower precision.
+
+    import torchprobe as tp
+    rep = tp.report(model, x, targets=("autocast:fp16", "eager:fp16", "strict:fp16"))
+    print(rep); rep.culprits
+    fix = tp.bisect(model, x, target="strict:fp16", tol=1e-2); print(fix.snippet())
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .capture import Recording, Row, record
+from .errors import DumpError, InvalidArgument, TorchprobeError, UnsupportedTarget
+from .findings import Culprit, Report
+from .localize import report
+from .metrics import ErrorMetrics, measure
+from .stats import TensorStats
+from .targets import PrecisionPlan, Target, parse_target
+
+__all__ = [
+    "record", "Recording", "Row", "TensorStats",
+    "report", "Report", "Culprit",
+    "measure", "ErrorMetrics",
+    "PrecisionPlan", "Target", "parse_target",
+    "TorchprobeError", "InvalidArgument", "UnsupportedTarget", "DumpError",
+    "__version__",
+]

@@ -1,0 +1,254 @@
+"""record(): forward hooks on every module, one row per module call, statistics on device.
+
+    >>> import torch, torchprobe as tp
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(inplace=True))
+    >>> with tp.record(model) as rec:
+    ...     _ = model(torch.ones(2, 4))
+    >>> [row.key for row in rec.rows]
+    ['0', '1', '(root)']
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import weakref
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from . import stats as _stats
+from .errors import InvalidArgument
+from .names import Patterns, module_names, name_filter
+from .stats import Summarizer, TensorStats
+from .tree import leaf_key, named_leaves
+
+LOW_HEADROOM_BITS = 1.0  # absmax above 32752: one doubling from FP16 overflow
+HEAVY_UNDERFLOW = 0.01  # more than 1% of the values flush to zero in FP16
+
+
+@dataclass(frozen=True)
+class Call:
+    """One call of one module: ``key`` is ``name`` for the first call, ``name#k`` after."""
+
+    name: str
+    index: int
+    module_type: str
+
+    @property
+    def key(self) -> str:
+        return self.name if self.index == 0 else f"{self.name}#{self.index}"
+
+
+BeforeHook = Callable[[Call, nn.Module, tuple, dict], None]
+AfterHook = Callable[[Call, nn.Module, tuple, dict, Any], None]
+
+
+@contextlib.contextmanager
+def module_calls(
+    model: nn.Module,
+    keep: Callable[[str], bool],
+    *,
+    before: BeforeHook | None = None,
+    after: AfterHook | None = None,
+) -> Iterator[Counter]:
+    """Hook every kept module; call ``before``/``after`` with a :class:`Call` per module call.
+
+    Every handle is owned by one ExitStack and removed on exit, also when the forward raises.
+    Yields the call counts by module name.
+    """
+    counts: Counter = Counter()
+    open_calls: dict[str, list[Call]] = {}
+
+    def make_hooks(name: str):
+        def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            call = Call(name, counts[name], type(module).__name__)
+            counts[name] += 1
+            open_calls.setdefault(name, []).append(call)
+            if before is not None:
+                before(call, module, args, kwargs)
+
+        def post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            call = open_calls[name].pop()
+            if after is not None:
+                after(call, module, args, kwargs, output)
+
+        return pre, post
+
+    with contextlib.ExitStack() as stack:
+        for module, mname in module_names(model).items():
+            if not keep(mname.name):
+                continue
+            pre, post = make_hooks(mname.name)
+            stack.enter_context(module.register_forward_pre_hook(pre, with_kwargs=True))
+            stack.enter_context(module.register_forward_hook(post, with_kwargs=True))
+        yield counts
+
+
+@dataclass(frozen=True, kw_only=True)
+class Row(TensorStats):
+    """Statistics of one floating (or counted integer) tensor leaf of one module call."""
+
+    key: str
+    module: str
+    call: int
+    leaf: str
+    module_type: str
+
+
+@dataclass(frozen=True)
+class Risk:
+    """A row that is at risk in FP16, and why (``overflow``, ``nan``, ``low-headroom``, ``underflow``)."""
+
+    key: str
+    kind: str
+    detail: str
+
+
+def risks(row: TensorStats, key: str) -> list[Risk]:
+    """What makes one tensor unsafe in FP16."""
+    if not row.is_floating:
+        return []
+    found = []
+    if row.nan:
+        found.append(Risk(key, "nan", f"{row.nan} NaN"))
+    if row.inf or row.beyond_fp16:
+        found.append(Risk(key, "overflow", f"{row.beyond_fp16} finite values beyond 65504, {row.inf} Inf (absmax {row.absmax:.4g})"))
+    elif row.headroom_bits is not None and row.headroom_bits < LOW_HEADROOM_BITS:
+        found.append(Risk(key, "low-headroom", f"absmax {row.absmax:.4g}: {row.headroom_bits:.2f} bits below FP16 max"))
+    finite = row.numel - row.nonfinite
+    if finite and row.flush_fp16 / finite > HEAVY_UNDERFLOW:
+        found.append(Risk(key, "underflow", f"{row.flush_fp16 / finite:.1%} of values flush to zero in FP16"))
+    return found
+
+
+class _Pending:
+    __slots__ = ("key", "module", "call", "leaf", "module_type", "dtype", "shape", "vector")
+
+    def __init__(self, key, module, call, leaf, module_type, dtype, shape, vector):
+        self.key, self.module, self.call, self.leaf = key, module, call, leaf
+        self.module_type, self.dtype, self.shape, self.vector = module_type, dtype, shape, vector
+
+
+class Recording:
+    """What :func:`record` saw: rows in the order modules returned, and captured tensors."""
+
+    def __init__(self, model: nn.Module, keep: Callable[[str], bool], capture: bool, offload: bool, fused: bool | None):
+        self._model_names = [n.name for n in module_names(model).values() if keep(n.name)]
+        self._keep = keep
+        self.capture = capture
+        self.offload = offload
+        self._summarize = Summarizer(fused)
+        self._pending: list[_Pending] = []
+        self._rows: list[Row] | None = None
+        self._tensors: dict[str, Tensor] = {}
+        self._seen: dict[int, tuple[weakref.ref, int, Tensor | None, Tensor | None]] = {}
+        self.calls: Counter = Counter()
+
+    # -- hook side -------------------------------------------------------------------------
+    def _summary_of(self, t: Tensor, copy: bool = True) -> tuple[Tensor | None, Tensor | None]:
+        """Summary vector (and captured copy) of ``t``, reused when the very same tensor object
+        in the same version was seen already (a container returning its child's output)."""
+        version = -1 if t.is_inference() else t._version
+        hit = self._seen.get(id(t))
+        if hit is not None and version >= 0 and hit[0]() is t and hit[1] == version and (hit[3] is not None or not copy):
+            return hit[2], hit[3]
+        vector = self._summarize(t) if t.is_floating_point() else None
+        kept = self._copy(t) if self.capture and copy else None
+        if version >= 0:
+            self._seen[id(t)] = (weakref.ref(t), version, vector, kept)
+        return vector, kept
+
+    def _copy(self, t: Tensor) -> Tensor:
+        t = t.detach()
+        if self.offload and t.device.type != "cpu":
+            return t.to("cpu", non_blocking=True)
+        return t.clone()
+
+    def _after(self, call: Call, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        self._rows = None
+        for path, t in named_leaves(output):
+            key = leaf_key(call.key, path)
+            vector, copy = self._summary_of(t)
+            self._pending.append(_Pending(key, call.name, call.index, path, call.module_type, t.dtype, tuple(t.shape), vector))
+            if copy is not None:
+                self._tensors[key] = copy
+
+    # -- query side ------------------------------------------------------------------------
+    @property
+    def rows(self) -> list[Row]:
+        """One row per tensor leaf per module call, in the order the modules returned."""
+        if self._rows is None:
+            read = _stats.read([(p.dtype, p.shape, p.vector) for p in self._pending])
+            self._rows = [
+                Row(**vars(s), key=p.key, module=p.module, call=p.call, leaf=p.leaf, module_type=p.module_type)
+                for p, s in zip(self._pending, read)
+            ]
+        return self._rows
+
+    def __getitem__(self, key: str) -> Row:
+        for row in self.rows:
+            if row.key == key:
+                return row
+        raise KeyError(f"no row {key!r}; keys look like {', '.join(r.key for r in self.rows[:3])} ...")
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    @property
+    def tensors(self) -> dict[str, Tensor]:
+        """Captured output tensors by row key (``capture=True`` only)."""
+        if not self.capture:
+            raise InvalidArgument("record(..., capture=False) keeps statistics only; pass capture=True to keep tensors")
+        if any(t.device.type == "cpu" and t.is_pinned() for t in self._tensors.values()):
+            torch.cuda.synchronize()
+        return dict(self._tensors)
+
+    def unvisited(self) -> list[str]:
+        """Modules that were hooked but never ran."""
+        return [n for n in self._model_names if self.calls[n] == 0]
+
+    def at_risk(self) -> list[Risk]:
+        return [risk for row in self.rows for risk in risks(row, row.key)]
+
+    def save(self, path: str | Path, target: str = "fp32") -> Path:
+        """Write the captured tensors to a safetensors dump (atomically)."""
+        from .dump import save_dump
+
+        tensors = self.tensors
+        return save_dump(path, tensors, target=target, order=[r.key for r in self.rows if r.key in tensors])
+
+    def __str__(self) -> str:
+        from .render.text import recording_table
+
+        return recording_table(self)
+
+
+@contextlib.contextmanager
+def record(
+    model: nn.Module,
+    include: Patterns = None,
+    exclude: Patterns = None,
+    capture: bool = False,
+    offload: bool = False,
+    fused: bool | None = None,
+) -> Iterator[Recording]:
+    """Record per-module output statistics (and tensors, with ``capture=True``) around any code
+    that calls ``model``: inference, a training step, under autocast or not.
+
+    ``include``/``exclude`` are globs over qualified module names (the root is ``(root)``).
+    ``offload=True`` moves captured tensors to host memory as they are produced. ``fused``
+    chooses the one-kernel statistics reduction (default: on CUDA). Every hook is removed on exit,
+    also when the body raises; the model is never modified.
+    """
+    if not isinstance(model, nn.Module):
+        raise InvalidArgument(f"record(model=...) takes an nn.Module; got {type(model).__name__}")
+    keep = name_filter(include, exclude)
+    rec = Recording(model, keep, capture, offload, fused)
+    with module_calls(model, keep, after=rec._after) as counts:
+        rec.calls = counts
+        yield rec
+    rec._seen.clear()

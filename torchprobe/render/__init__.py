@@ -1,0 +1,1 @@
+"""Rendering of results: text tables, JSON, HTML. No computation happens here."""
