@@ -10,6 +10,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .capture import Recording, Row, record
+from .dump import Dump, DumpComparison, compare, dump, load_dump, save_dump
 from .errors import DumpError, InvalidArgument, TorchprobeError, UnsupportedTarget
 from .findings import Culprit, Report
 from .localize import report
@@ -20,6 +21,7 @@ from .targets import PrecisionPlan, Target, parse_target
 __all__ = [
     "record", "Recording", "Row", "TensorStats",
     "report", "Report", "Culprit",
+    "dump", "compare", "load_dump", "save_dump", "Dump", "DumpComparison",
     "measure", "ErrorMetrics",
     "PrecisionPlan", "Target", "parse_target",
     "TorchprobeError", "InvalidArgument", "UnsupportedTarget", "DumpError",

@@ -133,3 +133,20 @@ def module_table(rep) -> str:
         rows.append(row)
         flags.append(call in culprit_calls)
     return tabulate(trim(rows, flags), headers=headers, disable_numparse=True) + ("\n(* culprit)" if culprit_calls else "")
+
+
+def fix_text(fix) -> str:
+    verdict = "VERIFIED" if fix else "NOT FOUND"
+    lines = [
+        f"torchprobe fix for {fix.target}: {verdict} — {fix.message}",
+        f"  keep in FP32: {', '.join(fix.keep_fp32) or '(nothing)'}",
+        f"  final {fix.metric}: {num(fix.error_before)} before -> {num(fix.error_after)} after (tol {num(fix.tol)}), measured with the plan applied",
+        f"  cost: {fix.evaluations} full-model evaluations (bound {fix.bound}), {fix.compilations} per-module compilations, {len(fix.candidates)} candidates",
+    ]
+    if fix.rule is not None:
+        r = fix.rule
+        lines.append(f"  rule-based autocast (keep FP32 where |x| > {r.threshold:g}) would keep {len(r.keep_fp32)} modules: "
+                     f"{fix.metric} {num(r.error)} ({'meets' if r.passed else 'misses'} tol)")
+    steps = [[", ".join(s.keep_fp32) or "(nothing)", num(s.error), "pass" if s.passed else "fail", s.note] for s in fix.log]
+    lines.append(tabulate(trim(steps, limit=30), headers=["kept in FP32", fix.metric, "", "step"], disable_numparse=True))
+    return "\n".join(lines)

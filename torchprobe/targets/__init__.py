@@ -75,7 +75,15 @@ class Runner:
     backend: Backend
     module: nn.Module
     input_dtype: torch.dtype | None
-    fn: Callable[..., Any]
+    example: tuple[tuple, dict]
+    _fn: Callable[..., Any] | None = None
+
+    @property
+    def fn(self) -> Callable[..., Any]:
+        """The whole copy under the backend, built (compiled) on first use."""
+        if self._fn is None:
+            self._fn = self.backend.wrap(self.module, self.target.dtype, *self.example)
+        return self._fn
 
     def cast_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if self.input_dtype is None:
@@ -125,6 +133,5 @@ def build(target: str | Target, model: nn.Module, args: tuple, kwargs: dict, kee
     plan = PrecisionPlan(target.dtype, frozenset(keep_fp32))
     copy = plan.apply(model, cast_weights=backend.cast_weights, autocast_device=device.type).eval()
     input_dtype = target.dtype if backend.cast_weights else None
-    cargs, ckwargs = cast_floating((args, kwargs), input_dtype) if input_dtype else (args, kwargs)
-    fn = backend.wrap(copy, target.dtype, cargs, ckwargs)
-    return Runner(target, plan, backend, copy, input_dtype, fn)
+    example = cast_floating((args, kwargs), input_dtype) if input_dtype else (args, kwargs)
+    return Runner(target, plan, backend, copy, input_dtype, example)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgument
-from ..names import ROOT, module_names, submodule
+from ..names import ROOT, is_within, module_names, submodule
 from ..tree import cast_floating
 from .base import dtype_name
 
@@ -32,6 +32,10 @@ class PrecisionPlan:
     def __str__(self) -> str:
         kept = ", ".join(sorted(self.keep_fp32)) or "nothing"
         return f"{dtype_name(self.dtype)}, FP32 kept: {kept}"
+
+    def outermost(self) -> list[str]:
+        """Kept names not inside another kept name (inside a kept module everything is FP32)."""
+        return sorted(n for n in self.keep_fp32 if not any(o != n and is_within(n, o) for o in self.keep_fp32))
 
     def check(self, model: nn.Module) -> None:
         """Raise InvalidArgument naming any kept module that ``model`` does not have."""
@@ -53,7 +57,7 @@ class PrecisionPlan:
         clone = copy.deepcopy(model)
         if cast_weights:
             clone.to(self.dtype)
-        for name in sorted(self.keep_fp32, key=lambda n: n.count(".")):
+        for name in self.outermost():
             module = submodule(clone, name)
             module.float()
             out_dtype = self.dtype if cast_weights and name != ROOT else None
