@@ -15,12 +15,18 @@ from .errors import DumpError, InvalidArgument, TorchprobeError, UnsupportedTarg
 from .findings import Culprit, Report
 from .localize import report
 from .metrics import ErrorMetrics, measure
+from .search import Fix, Isolation, bisect, isolate
+from .weights import WeightReport, check_weights
+from .monitor import Monitor
+from . import targets
 from .stats import TensorStats
 from .targets import PrecisionPlan, Target, parse_target
 
 __all__ = [
     "record", "Recording", "Row", "TensorStats",
     "report", "Report", "Culprit",
+    "isolate", "Isolation", "bisect", "Fix",
+    "check_weights", "WeightReport", "Monitor",
     "dump", "compare", "load_dump", "save_dump", "Dump", "DumpComparison",
     "measure", "ErrorMetrics",
     "PrecisionPlan", "Target", "parse_target",

@@ -109,7 +109,7 @@ def _explain(call: _Call, failure: str | None, adds_nonfinite: bool, metric: str
         return "overflow", f"FP32 output absmax {num(out_absmax)} is beyond FP16 max 65504"
     if backend_evidence:
         kind = "overflow" if any("overflow" in t or "Inf" in t for t in backend_evidence) else "nan"
-        return kind, "; ".join(dict.fromkeys(backend_evidence))[:400] + f" (input absmax {num(in_absmax)}, local {metric} {num(local)})"
+        return kind, "; ".join(dict.fromkeys(backend_evidence))[:400] + f" (local {metric} {num(local)})"
     if fp16 and module_type.endswith(_NORMS) and in_absmax**2 > FP16_MAX:
         return "overflow", (f"input absmax {num(in_absmax)}: (x - mean)^2 reaches ~{num(in_absmax**2)}, beyond FP16 max 65504, "
                             f"when the normalization is computed in FP16 (local {metric} {num(local)})")

@@ -76,7 +76,7 @@ class _Pending:
     vector: Tensor | None = None
     stats: tuple[torch.dtype, tuple[int, ...], Tensor | None] | None = None
     failure: str | None = None
-    evidence: list[str] = field(default_factory=list)
+    evidence: list[Any] = field(default_factory=list)
 
 
 def _clone_inputs(obj: Any) -> Any:
@@ -198,10 +198,11 @@ class _Session:
         return True
 
 
-def _evidence(part: Callable[..., Any]) -> list[str]:
-    """Evidence a backend collected during the last run of ``part`` (strict: overflow events)."""
-    fn = getattr(part, "backend_fn", None)
-    return list(getattr(fn, "last_evidence", None) or [])
+def _evidence(part: Callable[..., Any]) -> list[Any]:
+    """What a backend recorded during the last run of ``part`` (strict: its overflow events,
+    still on the device; read with the rest in :func:`_read`)."""
+    events = getattr(getattr(part, "backend_fn", None), "events", None)
+    return [events] if events is not None else []
 
 
 def _describe(e: BaseException) -> str:
@@ -225,7 +226,8 @@ def _read(session: _Session) -> tuple[list[ModuleError], list[InputStats]]:
         if p.stats is not None:
             stats = read_stats[si]
             si += 1
-        errors.append(ModuleError(p.key, p.call.name, p.call.index, p.target, p.kind, metrics, stats, p.failure, tuple(p.evidence)))
+        evidence = tuple(str(event) for recorded in p.evidence for event in recorded.events())
+        errors.append(ModuleError(p.key, p.call.name, p.call.index, p.target, p.kind, metrics, stats, p.failure, evidence))
     inputs = [InputStats(key, s) for (key, _, _, _), s in zip(session.inputs, input_stats)]
     return errors, inputs
 

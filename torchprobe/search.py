@@ -127,9 +127,17 @@ def _signature(args: tuple, kwargs: dict) -> tuple:
 
 
 def _children(model: nn.Module, name: str) -> list[str]:
-    parent = submodule(model, name)
+    """Children of ``name`` that run; containers without a forward (ModuleList/ModuleDict) are
+    replaced by their own children."""
     names = module_names(model)
-    return [names[c].name for c in parent.children()]
+    out: list[str] = []
+    for child in submodule(model, name).children():
+        child_name = names[child].name
+        if type(child).forward is nn.Module.forward:
+            out.extend(_children(model, child_name))
+        else:
+            out.append(child_name)
+    return out
 
 
 def isolate(

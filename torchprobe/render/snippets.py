@@ -48,9 +48,11 @@ def _header(fix: "Fix") -> str:
 
 def fix_snippet(fix: "Fix", target: str | None = None) -> str:
     """Code applying ``fix`` for ``target``'s backend (default: the fix's own; strict -> tensorrt)."""
+    dtype = dtype_name(parse_target(fix.target).dtype)
+    if target and ":" not in target:
+        target = f"{target}:{dtype}"
     spec = parse_target(target or fix.target)
     keep = list(fix.keep_fp32)
-    dtype = dtype_name(parse_target(fix.target).dtype)
     torch_dtype = _TORCH_DTYPE[dtype]
     if spec.backend in ("tensorrt", "strict"):
         from ..targets.tensorrt import tensorrt_snippet
