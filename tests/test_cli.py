@@ -467,3 +467,11 @@ def test_progress_bar_closes_when_the_loop_stops_early(capsys: pytest.CaptureFix
     from tqdm import tqdm
 
     assert not [bar for bar in getattr(tqdm, "_instances", ()) if getattr(bar, "desc", "").startswith("early")]
+
+
+def test_report_modules_glob_limits_rows(factory: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "r.json"
+    code = cli.main(["report", f"{factory}:build", "-t", "eager:fp16", "--modules", "fc*", "--json", str(out), "-q"])
+    assert code == 1, capsys.readouterr().err
+    modules = {row["module"] for row in json.loads(out.read_text())["rows"]}
+    assert modules == {"fc1", "fc2", "(root)"}

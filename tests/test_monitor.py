@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -57,9 +58,15 @@ class Pytreeish(nn.Module):
         return {"lo": lo, "hi": hi, "n": torch.tensor(len(x))}
 
 
+@dataclasses.dataclass
+class Halves:  # a plain dataclass, unknown to pytree
+    small: torch.Tensor
+    label: str = "halves"
+
+
 class Split(nn.Module):
     def forward(self, y: torch.Tensor) -> tuple:
-        return (y * 0.5, {"big": y * 100.0, "index": torch.arange(3)})
+        return (Halves(y * 0.5), {"big": y * 100.0, "index": torch.arange(3)})
 
 
 def no_forward_hooks(model: nn.Module) -> bool:
@@ -356,7 +363,7 @@ def test_pytree_outputs_shared_module_and_nonfinite_values():
     # several floating leaves (integer leaves ignored): one value for the module
     split = hist["split"].last
     assert split.absmax == float64_absmax(second * 100.0)
-    assert split.nonfinite == 2 * int((~second.isfinite()).sum())
+    assert split.nonfinite == 2 * int((~second.isfinite()).sum())  # the dataclass leaf counts too
     assert hist["(root)"].last.absmax == split.absmax
     assert {w.message.module for w in caught} == {"shared", "split", "(root)"}
 

@@ -29,7 +29,7 @@ __all__ = [
     "check_weights", "WeightReport", "Monitor",
     "dump", "compare", "load_dump", "save_dump", "Dump", "DumpComparison",
     "measure", "ErrorMetrics",
-    "PrecisionPlan", "Target", "parse_target",
+    "PrecisionPlan", "Target", "parse_target", "targets",
     "TorchprobeError", "InvalidArgument", "UnsupportedTarget", "DumpError",
     "__version__",
 ]

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import weakref
 from collections import Counter
 from dataclasses import dataclass

@@ -322,7 +322,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     rep = report(
         model, inputs, targets=[str(t) for t in args.target], reference=args.reference,
-        modules=args.modules, tol=args.tol, metric=args.metric,
+        modules="leaves" if args.modules == ["leaves"] else args.modules, tol=args.tol, metric=args.metric,
     )
     print(_summary(rep) if args.quiet else str(rep))
     for path, write in ((args.json, rep.to_json), (args.html, rep.to_html)):

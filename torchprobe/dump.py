@@ -53,8 +53,6 @@ import logging
 import math
 import os
 import re
-import stat
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -66,6 +64,7 @@ from safetensors.torch import save_file
 from tabulate import tabulate
 from torch import Tensor
 
+from .atomic import atomic_path
 from .errors import DumpError, InvalidArgument
 from .metrics import ErrorMetrics, get_metric, measure
 
@@ -138,25 +137,13 @@ def save_dump(
     if not directory.is_dir():
         raise DumpError(f"cannot write dump {path}: directory {directory} does not exist; create it first")
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    except OSError as e:
-        raise DumpError(_write_failure(path, e)) from e
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
         # The temporary file is reserved before the (possibly large) device-to-host copies, so an
-        # unwritable directory fails at once; everything after this point cleans up after itself.
-        host = _to_host(checked)
-        save_file(host, tmp, metadata=metadata)
-        os.chmod(tmp, _new_file_mode(path))  # mkstemp (and safetensors) create files as 0o600
-        _fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        _remove_quietly(tmp)
-        if isinstance(e, (OSError, SafetensorError)):
-            raise DumpError(_write_failure(path, e)) from e
-        raise
-    _fsync_directory(directory)
+        # unwritable directory fails at once; atomic_path cleans up after any failure.
+        with atomic_path(path) as tmp:
+            host = _to_host(checked)
+            save_file(host, tmp, metadata=metadata)
+    except (OSError, SafetensorError) as e:
+        raise DumpError(_write_failure(path, e)) from e
     logger.debug("wrote %d tensors to %s", len(host), path)
     return path
 
@@ -285,45 +272,12 @@ def _to_host(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return host
 
 
-def _new_file_mode(path: Path) -> int:
-    """The mode a plain ``open(path, 'w')`` would give: the existing file's, else 0o666 & ~umask."""
-    try:
-        return stat.S_IMODE(path.stat().st_mode)
-    except OSError:
-        umask = os.umask(0o022)
-        os.umask(umask)
-        return 0o666 & ~umask
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename durable; best effort (not every platform can open a directory)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
-def _remove_quietly(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        logger.warning("could not remove temporary file %s: %s", path, e)
 
 
 def _write_failure(path: Path, e: BaseException) -> str:

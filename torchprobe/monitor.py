@@ -48,6 +48,7 @@ next ``step()``, ``close()`` or when ``history`` is read), where all values move
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import json
 import math
@@ -57,6 +58,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator, NamedTuple, Sequence
 
+import numpy as np
 import torch
 from tabulate import tabulate
 from torch import Tensor, nn
@@ -360,9 +362,9 @@ class Monitor:
             raise InvalidArgument(f"every= must be a positive int (sample one step in every N); got {every!r}")
         if isinstance(trend_window, bool) or not isinstance(trend_window, int) or trend_window < 2:
             raise InvalidArgument(f"trend_window= must be an int >= 2 (samples fitted for the trend); got {trend_window!r}")
-        if isinstance(headroom_bits, bool) or not isinstance(headroom_bits, (int, float)) or not 0 <= headroom_bits < 16:
-            raise InvalidArgument(f"headroom_bits= must be a number in [0, 16) (bits below 65504 that trigger a "
-                                  f"warning; 2.0 warns above 16376); got {headroom_bits!r}")
+        if isinstance(headroom_bits, bool) or not isinstance(headroom_bits, (int, float)) or not 0 <= headroom_bits < math.inf:
+            raise InvalidArgument(f"headroom_bits= must be a finite number >= 0 (warn when absmax > 65504 / 2**headroom_bits; "
+                                  f"the default 2.0 warns above 16376); got {headroom_bits!r}")
         keep = _name_filter(include, exclude)
         named = [(name or ROOT, module) for name, module in model.named_modules()]
         self._targets = [(name, module) for name, module in named if keep(name)]
@@ -377,7 +379,7 @@ class Monitor:
         self._step = -1
         self._sampling: _Sampling | None = None
         self._samples: list[list[Sample]] = [[] for _ in self._targets]
-        self._warned: set[tuple[str, int]] = set()
+        self._warned: set[tuple[str, str]] = set()  # (module, warning kind)
         self._closed = False
 
     # -- the training-loop API ---------------------------------------------------------------------
@@ -487,8 +489,7 @@ class Monitor:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if not sampling.open:
                 return
-            leaves = (output,) if isinstance(output, Tensor) else pytree.tree_flatten(output)[0]
-            for leaf in leaves:
+            for leaf in _tensor_leaves(output):
                 if not _measurable(leaf):
                     continue
                 sampling.records.append(_Record(index, False, leaf.numel(), _output_stats(leaf.detach())))
@@ -534,8 +535,10 @@ class Monitor:
         for index, acc in sampling.host.items():
             self._samples[index].append(_sample(sampling.step, acc))
         if warn:
-            for index in sorted(sampling.host):
-                self._check(index, stacklevel + 1)
+            indices = sorted(sampling.host)
+            falling = self._falling(indices)
+            for index in indices:
+                self._check(index, falling.get(index), stacklevel + 1)
 
     def _close(self, *, warn: bool, stacklevel: int) -> None:
         try:
@@ -545,21 +548,18 @@ class Monitor:
 
     # -- warnings ----------------------------------------------------------------------------------
 
-    def _check(self, index: int, stacklevel: int) -> None:
+    def _check(self, index: int, falling: tuple[int, float] | None, stacklevel: int) -> None:
         """Warn about module ``index``'s latest sample, at most once per kind."""
         name = self._targets[index][0]
         samples = self._samples[index]
         last = samples[-1]
-        window = samples[-self.trend_window:]
-        if (name, HeadroomTrendWarning.kind) not in self._warned and len(window) == self.trend_window:
-            at = self._step_to_zero(window)
-            if at is not None:
-                slope = _slope(window) * self.every
-                self._warn(HeadroomTrendWarning, index, last, stacklevel,
-                           f"{name!r}: FP16 headroom falls {-slope:.2f} bits per sample over steps "
-                           f"{window[0].step}..{last.step} and is {last.headroom_bits:.2f} bits at step {last.step} "
-                           f"(absmax {last.absmax:.4g}); at this rate it reaches 0 bits (overflow past 65504) "
-                           f"around step {at}. {self._advice(index)}")
+        if falling is not None:
+            at, slope = falling
+            self._warn(HeadroomTrendWarning, index, last, stacklevel,
+                       f"{name!r}: FP16 headroom falls {-slope * self.every:.2f} bits per sample over steps "
+                       f"{samples[-self.trend_window].step}..{last.step} and is {last.headroom_bits:.2f} bits at step "
+                       f"{last.step} (absmax {last.absmax:.4g}); at this rate it reaches 0 bits (overflow past "
+                       f"65504) around step {at}. {self._advice(index)}")
         if (name, LowHeadroomWarning.kind) in self._warned:
             return
         threshold = FP16_MAX / 2.0**self.headroom_bits
@@ -582,22 +582,26 @@ class Monitor:
         return (f"Keep {name!r} in FP32 for FP16 runs (a torch.autocast(enabled=False) region, or the plan "
                 f"tp.bisect finds) and check it with tp.report(model, inputs, targets=('strict:fp16',)).")
 
-    def _step_to_zero(self, window: Sequence[Sample]) -> int | None:
-        """Step at which the fitted headroom line reaches 0 bits, when that is within ``trend_window``
-        more samples of the last one and the line falls; else None."""
-        if any(not math.isfinite(s.headroom_bits) for s in window):
-            return None
-        slope = _slope(window)
-        if slope is None or slope >= 0:
-            return None
-        xs = [s.step for s in window]
-        mean_x = sum(xs) / len(xs)
-        mean_h = sum(s.headroom_bits for s in window) / len(window)
-        fitted_last = mean_h + slope * (xs[-1] - mean_x)
-        steps_left = fitted_last / -slope
-        if steps_left > self.trend_window * self.every:
-            return None
-        return xs[-1] + max(0, math.ceil(steps_left))
+    def _falling(self, indices: Sequence[int]) -> dict[int, tuple[int, float]]:
+        """Modules whose headroom, fitted by least squares over their last ``trend_window`` samples,
+        falls and reaches 0 bits within ``trend_window`` more samples: index -> (step it reaches 0,
+        slope in bits per step). One vectorized fit for all modules of the sample."""
+        w = self.trend_window
+        rows = [i for i in indices
+                if len(self._samples[i]) >= w and (self._targets[i][0], HeadroomTrendWarning.kind) not in self._warned]
+        if not rows:
+            return {}
+        x = np.array([[s.step for s in self._samples[i][-w:]] for i in rows], dtype=np.float64)
+        h = np.array([[s.headroom_bits for s in self._samples[i][-w:]] for i in rows], dtype=np.float64)
+        finite = np.isfinite(h).all(axis=1)  # an all-zero output (inf headroom) has no trend
+        h[~np.isfinite(h)] = 0.0
+        dx = x - x.mean(axis=1, keepdims=True)  # steps are distinct, so no row is all zero
+        slope = (dx * (h - h.mean(axis=1, keepdims=True))).sum(axis=1) / (dx * dx).sum(axis=1)
+        fitted_last = h.mean(axis=1) + slope * dx[:, -1]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            steps_left = fitted_last / -slope
+        hit = finite & (slope < 0) & (steps_left <= w * self.every)
+        return {rows[k]: (int(x[k, -1]) + max(0, math.ceil(steps_left[k])), float(slope[k])) for k in np.flatnonzero(hit)}
 
     def _warn(self, category: type[HeadroomWarning], index: int, sample: Sample, stacklevel: int, message: str) -> None:
         name = self._targets[index][0]
@@ -615,6 +619,20 @@ class Monitor:
 # The statistics avoid comparison kernels (bool outputs are slow on CPU): |x| with NaN/Inf replaced
 # by -1 gives the finite absmax (a max of -1 means no finite value) and, clamped to <= 0 and summed,
 # minus the NaN/Inf count. Counts are summed in float32: exact up to 2**24 per tensor.
+
+
+def _tensor_leaves(obj: Any) -> Iterator[Tensor]:
+    """Tensors in a module output: any pytree (tuple, list, dict, namedtuple, registered nodes such as
+    transformers' ModelOutput), and plain dataclasses that pytree does not know, walked by field."""
+    if isinstance(obj, Tensor):
+        yield obj
+        return
+    for leaf in pytree.tree_flatten(obj)[0]:
+        if isinstance(leaf, Tensor):
+            yield leaf
+        elif dataclasses.is_dataclass(leaf) and not isinstance(leaf, type):
+            for f in dataclasses.fields(leaf):
+                yield from _tensor_leaves(getattr(leaf, f.name))
 
 
 def _measurable(x: Any) -> bool:

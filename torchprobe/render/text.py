@@ -74,8 +74,6 @@ def recording_table(rec: "Recording") -> str:
 
 def report_text(rep) -> str:
     """Verdict per target first, then culprits, then the per-module table in call order."""
-    from ..findings import worst
-
     lines = [f"torchprobe report: {rep.model}, reference {rep.reference}, metric {rep.metric}"]
     for o in rep.outcomes:
         if o.failure:
