@@ -10,7 +10,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .capture import Recording, Row, record
-from .dump import Dump, DumpComparison, compare, dump, load_dump, save_dump
+from .dumps import Dump, DumpComparison, compare, dump, load_dump, save_dump
 from .errors import DumpError, InvalidArgument, TorchprobeError, UnsupportedTarget
 from .findings import Culprit, Report
 from .localize import report

@@ -215,7 +215,7 @@ class Recording:
 
     def save(self, path: str | Path, target: str = "fp32") -> Path:
         """Write the captured tensors to a safetensors dump (atomically)."""
-        from .dump import save_dump
+        from .dumps import save_dump
 
         tensors = self.tensors
         return save_dump(path, tensors, target=target, order=[r.key for r in self.rows if r.key in tensors])

@@ -15,7 +15,7 @@ This module is the one place in torchprobe that reads and writes dump files.
 Example::
 
     import torch, torchprobe as tp
-    from torchprobe.dump import save_dump, compare
+    from torchprobe.dumps import save_dump, compare
 
     torch.manual_seed(0)
     ref = {f"blocks.{i}.norm": torch.randn(4, 64) * (i + 1) for i in range(6)}
@@ -458,7 +458,7 @@ def load_dump(path: PathLike, *, require_torchprobe: bool = True) -> Dump:
     path = _as_path(path, "path")
     if not path.exists():
         raise DumpError(
-            f"dump file {path} does not exist; check the path, or write it with torchprobe.dump()"
+            f"dump file {path} does not exist; check the path, or write it with torchprobe.dumps()"
         )
     if path.is_dir():
         raise DumpError(f"dump path {path} is a directory; give the .safetensors file inside it")

@@ -1,4 +1,4 @@
-"""Tests for torchprobe.dump: save/load of safetensors dumps and offline comparison."""
+"""Tests for torchprobe.dumps: save/load of safetensors dumps and offline comparison."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from torchprobe.dump import (
+from torchprobe.dumps import (
     FORMAT,
     FORMAT_VERSION,
     Dump,
@@ -291,7 +291,7 @@ def test_broken_torchprobe_metadata(tmp_path, caplog, change, message):
     save_file(dict(source.items()), path, metadata={**source.metadata, **change})
     with pytest.raises(DumpError, match=rf"torchprobe dump {path} {message}"):
         load_dump(path)
-    with caplog.at_level("WARNING", logger="torchprobe.dump"):
+    with caplog.at_level("WARNING", logger="torchprobe.dumps"):
         dump = load_dump(path, require_torchprobe=False)
     assert dump.order == ("layers.0", "layers.1", "layers.2") and message.split(" ")[0] in caplog.text
 
