@@ -51,10 +51,7 @@ class IsolatedModule:
     metrics: ErrorMetrics | None
     failure: str | None = None
     compiled: bool = False
-
-    @property
-    def has_children(self) -> bool:
-        return self.depth >= 0
+    backend_info: str | None = None  # tensorrt: how much of the module ran in TensorRT
 
 
 @dataclass(frozen=True)
@@ -89,11 +86,11 @@ class Isolation:
 
         culprits = {r.key for r in self.culprits}
         rows = [["  " * r.depth + r.key + (" *" if r.key in culprits else ""), r.module_type,
-                 "failed: " + r.failure if r.failure else num(r.error)] for r in self.rows]
+                 "failed: " + r.failure if r.failure else num(r.error), r.backend_info or ""] for r in self.rows]
         head = (f"isolate {self.target}: {len(self.rows)} module calls, {self.compilations} compilations, "
                 f"{self.reference_passes} reference passes; local {self.metric}, tol {num(self.tol)}")
         tail = f"\nculprits: {', '.join(sorted(culprits))}" if culprits else "\nno module above tolerance"
-        return head + "\n" + tabulate(rows, headers=["module call", "type", f"local {self.metric}"], disable_numparse=True) + tail
+        return head + "\n" + tabulate(rows, headers=["module call", "type", f"local {self.metric}", "backend"], disable_numparse=True) + tail
 
 
 @dataclass
@@ -213,7 +210,8 @@ def _isolate_one(runner: Runner, item: _Captured, cache: dict, metric: str, dept
     metrics = [measure(t, test[p]) if p in test and test[p].shape == t.shape else None for p, t in ref_leaves]
     value = worst(metric, metrics)
     chosen = next((m for m in metrics if m is not None and m[metric] == value), None)
-    return IsolatedModule(name, key, item.call.module_type, depth, value, chosen, None, fresh)
+    info = getattr(getattr(cache[sig], "backend_fn", None), "info", None)
+    return IsolatedModule(name, key, item.call.module_type, depth, value, chosen, None, fresh, None if info is None else str(info))
 
 
 # -- bisect ----------------------------------------------------------------------------------
