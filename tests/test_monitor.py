@@ -157,7 +157,15 @@ def test_growing_layer_warns_trend_then_low_for_it_and_its_dependents_only():
     # grow loses one bit per step; the side branch stays flat
     assert hist["grow"].trend(4) == pytest.approx(-1.0, abs=0.02)
     assert abs(hist["side"].trend(4)) < 0.05
-    assert [m.module for m in hist.least_headroom(4)] and {m.module for m in hist.least_headroom(4)} == DEPENDENTS
+    assert {m.module for m in hist.least_headroom(4)} == DEPENDENTS
+
+
+def test_trend_is_measured_per_sample_when_sampling_every_few_steps():
+    with pytest.warns(HeadroomWarning) as caught:
+        _, mon, _ = train_growing(steps=16, every=2, trend_window=3)
+    assert mon.history.steps == tuple(range(0, 16, 2))
+    trend = next(w.message for w in caught if w.category is HeadroomTrendWarning and w.message.module == "grow")
+    assert trend.step % 2 == 0 and "falls 2.00 bits per sample" in str(trend)
 
 
 def test_warnings_once_per_module_and_kind():
@@ -427,6 +435,10 @@ def test_save_load_roundtrip(tmp_path):
     path = tmp_path / "headroom.json"
     mon.save(path)
     assert os.listdir(tmp_path) == ["headroom.json"]  # no temporary file left behind
+    plain = tmp_path / "plain.txt"
+    plain.write_text("")
+    assert path.stat().st_mode == plain.stat().st_mode  # the mode open() gives, not mkstemp's 0o600
+    plain.unlink()
     json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
     loaded = Monitor.load(path)
     assert isinstance(loaded, MonitorHistory)

@@ -17,7 +17,7 @@ from .localize import report
 from .metrics import ErrorMetrics, measure
 from .search import Fix, Isolation, bisect, isolate
 from .weights import WeightReport, check_weights
-from .monitor import Monitor
+from .monitor import HeadroomTrendWarning, HeadroomWarning, LowHeadroomWarning, Monitor, MonitorHistory
 from . import targets
 from .stats import TensorStats
 from .targets import PrecisionPlan, Target, parse_target
@@ -26,7 +26,8 @@ __all__ = [
     "record", "Recording", "Row", "TensorStats",
     "report", "Report", "Culprit",
     "isolate", "Isolation", "bisect", "Fix",
-    "check_weights", "WeightReport", "Monitor",
+    "check_weights", "WeightReport",
+    "Monitor", "MonitorHistory", "HeadroomWarning", "LowHeadroomWarning", "HeadroomTrendWarning",
     "dump", "compare", "load_dump", "save_dump", "Dump", "DumpComparison",
     "measure", "ErrorMetrics",
     "PrecisionPlan", "Target", "parse_target", "targets",

@@ -49,11 +49,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fnmatch
 import json
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator, NamedTuple, Sequence
@@ -64,7 +62,9 @@ from tabulate import tabulate
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from .atomic import write_text
 from .errors import InvalidArgument
+from .names import name_filter
 from .formats import FP16_MAX, FP16_MIN_SUBNORMAL
 from .formats import headroom_bits as _headroom_bits
 
@@ -365,7 +365,7 @@ class Monitor:
         if isinstance(headroom_bits, bool) or not isinstance(headroom_bits, (int, float)) or not 0 <= headroom_bits < math.inf:
             raise InvalidArgument(f"headroom_bits= must be a finite number >= 0 (warn when absmax > 65504 / 2**headroom_bits; "
                                   f"the default 2.0 warns above 16376); got {headroom_bits!r}")
-        keep = _name_filter(include, exclude)
+        keep = name_filter(include, exclude)
         named = [(name or ROOT, module) for name, module in model.named_modules()]
         self._targets = [(name, module) for name, module in named if keep(name)]
         if not self._targets:
@@ -445,7 +445,7 @@ class Monitor:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write ``history`` as JSON, atomically (a temporary file in the same folder, then replace)."""
-        _write_json_atomic(os.fspath(path), self.history.to_dict())
+        write_text(path, json.dumps(self.history.to_dict(), allow_nan=False, separators=(",", ":")) + "\n")
 
     @staticmethod
     def load(path: str | os.PathLike[str]) -> MonitorHistory:
@@ -709,26 +709,6 @@ def _slope(samples: Sequence[Sample]) -> float | None:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
 
 
-def _name_filter(include: str | Sequence[str] | None, exclude: str | Sequence[str] | None):
-    def patterns(value: Any, argument: str) -> tuple[str, ...]:
-        if value is None:
-            return ()
-        values = (value,) if isinstance(value, str) else tuple(value)
-        bad = [v for v in values if not isinstance(v, str)]
-        if bad:
-            raise InvalidArgument(f"{argument}= takes fnmatch globs over module names such as 'encoder.*'; got {bad[0]!r}")
-        return values
-
-    inc, exc = patterns(include, "include"), patterns(exclude, "exclude")
-
-    def keep(name: str) -> bool:
-        if inc and not any(fnmatch.fnmatchcase(name, p) for p in inc):
-            return False
-        return not any(fnmatch.fnmatchcase(name, p) for p in exc)
-
-    return keep
-
-
 def _preview(names: Sequence[str], n: int = 8) -> str:
     shown = ", ".join(repr(x) for x in names[:n])
     return shown + (f", ... ({len(names)} in all)" if len(names) > n else "")
@@ -809,19 +789,3 @@ def _module_from_dict(d: dict[str, Any]) -> ModuleHistory:
 
 def _reject_constant(name: str) -> float:
     raise ValueError(f"non-standard JSON constant {name}")
-
-
-def _write_json_atomic(path: str, data: dict[str, Any]) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".monitor-", suffix=".json.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, allow_nan=False, separators=(",", ":"))
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
