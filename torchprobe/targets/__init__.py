@@ -122,12 +122,18 @@ def _has_low(out: Any) -> bool:
     return any(t.dtype in LOW_PRECISION for _, t in named_leaves(out))
 
 
+def _dtype_unavailable(dtype: torch.dtype, device: torch.device) -> str | None:
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return f"{torch.cuda.get_device_name(device)} does not support bfloat16; use fp16"
+    return None
+
+
 def build(target: str | Target, model: nn.Module, args: tuple, kwargs: dict, keep_fp32: Iterable[str] = ()) -> Runner:
     """Prepare a copy of ``model`` for ``target`` with ``keep_fp32`` modules kept in FP32."""
     target = parse_target(target)
     backend = get_backend(target.backend)
     device = model_device(model, args, kwargs)
-    reason = backend.unavailable(device)
+    reason = backend.unavailable(device) or _dtype_unavailable(target.dtype, device)
     if reason:
         raise UnsupportedTarget(f"target {target} cannot run here: {reason}")
     plan = PrecisionPlan(target.dtype, frozenset(keep_fp32))
