@@ -10,7 +10,7 @@ from typing import Any
 
 from .capture import Row
 from .errors import DumpError
-from .metrics import ErrorMetrics, within
+from .metrics import ErrorMetrics, within, worse
 from .stats import TensorStats
 from .atomic import write_text
 
@@ -174,6 +174,17 @@ def worst(metric: str, errors: list[ErrorMetrics | None]) -> float:
     if metric in ("cosine", "sqnr"):
         return min(values)
     return max(values)
+
+
+def worst_of(metric: str, errors: list[ErrorMetrics | None]) -> ErrorMetrics | None:
+    """The leaf with the worst ``metric`` (None when any leaf has no metrics)."""
+    if not errors or any(e is None for e in errors):
+        return None
+    chosen = errors[0]
+    for e in errors[1:]:
+        if worse(metric, e[metric], chosen[metric]):
+            chosen = e
+    return chosen
 
 
 def passes(metric: str, errors: list[ErrorMetrics | None], tol: float) -> bool:

@@ -28,7 +28,7 @@ from . import stats as _stats
 from .capture import Call, Recording, module_calls
 from .culprits import find_culprits
 from .errors import InvalidArgument, UnsupportedTarget
-from .findings import InputStats, ModuleError, Report, TargetOutcome, passes
+from .findings import InputStats, ModuleError, Report, TargetOutcome, passes, worst_of
 from .metrics import error_vector, from_vector, get_metric
 from .names import ROOT, Patterns, leaf_names, name_filter
 from .targets import Runner, Target, build, parse_target
@@ -97,6 +97,7 @@ class _Session:
         self.runners: dict[str, Runner] = {}
         self._parts: dict[tuple[str, str], Callable[..., Any]] = {}
         self._shadow: dict[tuple[str, str], Any] = {}
+        self.recording: Recording | None = None
 
     # -- building ---------------------------------------------------------------------------
     def prepare(self) -> Runner:
@@ -297,9 +298,11 @@ def report(
         failure = session.failures.get(name)
         output_error = None
         if final and all(e.metrics is not None for e in final):
-            output_error = _worst_metrics(metric, [e.metrics for e in final])
+            output_error = worst_of(metric, [e.metrics for e in final])
         ok = failure is None and passes(metric, [e.metrics for e in final], t_tol)
-        outcomes.append(TargetOutcome(name, t_tol, output_error, ok, failure, not session.runners.get(name) or not session.runners[name].backend.compiles))
+        runner = session.runners.get(name)
+        per_module = runner is not None and not runner.backend.compiles
+        outcomes.append(TargetOutcome(name, t_tol, output_error, ok, failure, per_module))
     culprits = find_culprits(rows, input_stats, errors, outcomes, metric, {str(t): t for t in parsed})
     return Report(
         model=type(model).__name__,
@@ -312,13 +315,3 @@ def report(
         outcomes=tuple(outcomes),
         culprits=tuple(culprits),
     )
-
-
-def _worst_metrics(metric: str, metrics: list) -> Any:
-    from .metrics import worse
-
-    best = metrics[0]
-    for m in metrics[1:]:
-        if worse(metric, m[metric], best[metric]):
-            best = m
-    return best

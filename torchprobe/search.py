@@ -25,7 +25,7 @@ from torch import nn
 
 from .capture import Call, module_calls
 from .errors import InvalidArgument
-from .findings import passes, worst
+from .findings import passes, worst, worst_of
 from .localize import resolve_tol
 from .metrics import ErrorMetrics, get_metric, measure, within
 from .names import ROOT, is_within, leaf_names, module_names, submodule
@@ -209,7 +209,7 @@ def _isolate_one(runner: Runner, item: _Captured, cache: dict, metric: str, dept
     test = dict(named_leaves(out))
     metrics = [measure(t, test[p]) if p in test and test[p].shape == t.shape else None for p, t in ref_leaves]
     value = worst(metric, metrics)
-    chosen = next((m for m in metrics if m is not None and m[metric] == value), None)
+    chosen = worst_of(metric, metrics)
     info = getattr(getattr(cache[sig], "backend_fn", None), "info", None)
     return IsolatedModule(name, key, item.call.module_type, depth, value, chosen, None, fresh, None if info is None else str(info))
 
