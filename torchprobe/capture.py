@@ -58,8 +58,29 @@ def module_calls(
 
     Every handle is owned by one ExitStack and removed on exit, also when the forward raises.
     Yields the call counts by module name.
+
+    With ``after`` alone, one process-wide forward hook serves every module: adding and removing
+    it costs O(1) instead of two handles per module (1.5 ms for 200 modules), each call runs one
+    hook instead of two, and modules of other models are skipped by identity. A call's index then
+    counts finished calls of its module, the same as started calls unless a module calls itself.
     """
     counts: Counter = Counter()
+    if before is None:
+        names = {m: n.name for m, n in module_names(model).items() if keep(n.name)}
+
+        def post_only(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            name = names.get(module)
+            if name is None:
+                return
+            index = counts[name]
+            counts[name] = index + 1
+            if after is not None:
+                after(Call(name, index, type(module).__name__), module, args, kwargs, output)
+
+        with nn.modules.module.register_module_forward_hook(post_only, with_kwargs=True):
+            yield counts
+        return
+
     open_calls: dict[str, list[Call]] = {}
 
     def make_hooks(name: str):
@@ -136,7 +157,7 @@ class Recording:
     """What :func:`record` saw: rows in the order modules returned, and captured tensors."""
 
     def __init__(self, model: nn.Module, keep: Callable[[str], bool], capture: bool, offload: bool, fused: bool | None):
-        self._model_names = [n.name for n in module_names(model).values() if keep(n.name)]
+        self._model = weakref.ref(model)
         self._keep = keep
         self.capture = capture
         self.offload = offload
@@ -208,7 +229,9 @@ class Recording:
 
     def unvisited(self) -> list[str]:
         """Modules that were hooked but never ran."""
-        return [n for n in self._model_names if self.calls[n] == 0]
+        model = self._model()
+        names = [n.name for n in module_names(model).values() if self._keep(n.name)] if model is not None else []
+        return [n for n in names if self.calls[n] == 0]
 
     def at_risk(self) -> list[Risk]:
         return [risk for row in self.rows for risk in risks(row, row.key)]
