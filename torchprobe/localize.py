@@ -3,7 +3,7 @@
 Runs, all on private copies of the model (the user's module is never run or changed):
 
 1. **Reference pass** (eager FP32, or FP64): per-module output statistics and a copy of every
-   output (offloaded to host memory on CUDA). Inside it, before each module runs, a **shadow**
+   output (on the device, or in host memory with ``offload=True``). Inside it, before each module runs, a **shadow**
    run executes the same module of each target's copy on the reference's exact inputs: the error
    it shows is the error that module *introduces* (local error), not the one it inherits.
 2. **Propagated pass** per target: the whole model under the target; each module's output is
@@ -11,7 +11,7 @@ Runs, all on private copies of the model (the user's module is never run or chan
    whole and only their final output is compared; their per-module view is the local error.
 
 Peak memory: one copy of the model per target plus the reference, one copy of every module output
-of the reference (on host when ``offload``, the default on CUDA), and the live activations of one
+of the reference (in host memory with ``offload=True``), and the live activations of one
 forward at a time. Shadow runs of nested containers re-run their subtree, so the reference pass
 costs about (depth of nesting) target forwards per target.
 """
@@ -87,7 +87,7 @@ class _Session:
     """One report(): the reference pass with shadows, then a propagated pass per target."""
 
     def __init__(self, model: nn.Module, args: tuple, kwargs: dict, reference: Target, targets: list[Target],
-                 keep: Callable[[str], bool], local: bool, offload: bool | None):
+                 keep: Callable[[str], bool], local: bool, offload: bool):
         self.model, self.args, self.kwargs = model, args, kwargs
         self.reference, self.targets, self.keep, self.local = reference, targets, keep, local
         self.offload = offload
@@ -111,9 +111,7 @@ class _Session:
 
     # -- reference pass ---------------------------------------------------------------------
     def reference_pass(self, ref: Runner) -> Recording:
-        device = next((t.device for t in (*ref.module.parameters(), *ref.module.buffers())), torch.device("cpu"))
-        offload = device.type == "cuda" if self.offload is None else self.offload
-        rec = Recording(ref.module, self.keep, capture=True, offload=offload, fused=None)
+        rec = Recording(ref.module, self.keep, capture=True, offload=self.offload, fused=None)
         self.recording = rec
         with module_calls(ref.module, self.keep, before=self._before, after=self._after(rec)) as counts:
             rec.calls = counts
@@ -255,14 +253,15 @@ def report(
     tol: float | dict[str, float] | None = None,
     metric: str = "rel_l2",
     local: bool = True,
-    offload: bool | None = None,
+    offload: bool = False,
 ) -> Report:
     """Find where and why ``model``'s output diverges under each target.
 
     ``inputs`` is a tensor, a tuple of positional args or a dict of kwargs. ``modules`` limits the
     per-module rows (``"leaves"`` or globs; the final output is always measured). ``tol`` is a
     bound on ``metric`` for the final output and for a module's local error (default per dtype:
-    fp16 1e-2, bf16 5e-2 relative L2), a float or a dict by target string.
+    fp16 1e-2, bf16 5e-2 relative L2), a float or a dict by target string. ``offload=True`` keeps
+    the reference copy of every module output in host memory instead of on the device.
 
         >>> rep = tp.report(model, x, targets=("eager:fp16", "strict:fp16"))
         >>> print(rep)                      # verdict per target, culprits, per-module table
