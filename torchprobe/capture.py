@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from . import stats as _stats
 from .errors import InvalidArgument
-from .names import Patterns, module_names, name_filter
+from .names import Patterns, has_forward, module_names, name_filter
 from .stats import Summarizer, TensorStats
 from .tree import leaf_key, named_leaves
 
@@ -228,9 +228,11 @@ class Recording:
         return dict(self._tensors)
 
     def unvisited(self) -> list[str]:
-        """Modules that were hooked but never ran."""
+        """Modules that were hooked but never ran (pure containers such as ModuleList excepted)."""
         model = self._model()
-        names = [n.name for n in module_names(model).values() if self._keep(n.name)] if model is not None else []
+        if model is None:
+            return []
+        names = [n.name for m, n in module_names(model).items() if self._keep(n.name) and has_forward(m)]
         return [n for n in names if self.calls[n] == 0]
 
     def at_risk(self) -> list[Risk]:

@@ -63,6 +63,11 @@ def is_within(name: str, ancestor: str) -> bool:
     return ancestor == ROOT or name == ancestor or name.startswith(ancestor + ".")
 
 
+def has_forward(module: nn.Module) -> bool:
+    """False for pure containers (ModuleList, ModuleDict) that are never called themselves."""
+    return type(module).forward is not nn.Module.forward
+
+
 def leaf_names(model: nn.Module) -> list[str]:
     return [n.name for m, n in module_names(model).items() if not any(True for _ in m.children())]
 

@@ -28,7 +28,7 @@ from .errors import InvalidArgument
 from .findings import passes, worst, worst_of
 from .localize import resolve_tol
 from .metrics import ErrorMetrics, get_metric, measure, within
-from .names import ROOT, is_within, leaf_names, module_names, submodule
+from .names import ROOT, has_forward, is_within, leaf_names, module_names, submodule
 from .progress import progress
 from .render.text import num
 from .stats import Summarizer, read as read_stats
@@ -130,7 +130,7 @@ def _children(model: nn.Module, name: str) -> list[str]:
     out: list[str] = []
     for child in submodule(model, name).children():
         child_name = names[child].name
-        if type(child).forward is nn.Module.forward:
+        if not has_forward(child):
             out.extend(_children(model, child_name))
         else:
             out.append(child_name)
