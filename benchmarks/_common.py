@@ -7,6 +7,7 @@ them alike); one sample is the wall time of one call with the device synchronize
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import statistics
@@ -88,6 +89,25 @@ class Workload:
             if isinstance(self.inputs, dict):
                 return model(**self.inputs)
             return model(self.inputs)
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes: --device, --quick, --threads."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: steadier on a shared machine)")
+    return p
+
+
+def setup(p: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, torch.device]:
+    """Parse, check that the device exists, and pin the CPU thread count."""
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available here")
+    torch.set_num_threads(args.threads)
+    return args, device
 
 
 def calibrate_batchnorm(model: nn.Module, x: torch.Tensor, steps: int = 2) -> nn.Module:

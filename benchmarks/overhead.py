@@ -16,7 +16,6 @@ bandwidth (the physical limit).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,16 +191,9 @@ def stats_bandwidth(w: C.Workload, summarizers: dict[str, Callable[[torch.Tensor
 
 
 def main(argv: list[str] | None = None) -> list[Result]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    parser = C.parser(__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=None, help="samples per variant (default 30 CPU / 50 CUDA)")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: steadier on a shared machine)")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available here")
-    torch.set_num_threads(args.threads)
+    args, device = C.setup(parser, argv)
     reps = args.reps or (5 if args.quick else (30 if device.type == "cpu" else 50))
     warmup = 2 if args.quick else 5
     if device.type == "cpu":

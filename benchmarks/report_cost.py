@@ -15,7 +15,6 @@ methods in this process; nothing in the package is changed.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from collections import defaultdict
@@ -120,16 +119,9 @@ def measure(w: C.Workload, targets: tuple[str, ...], reps: int, warmup: int) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser = C.parser(__doc__.splitlines()[0])
     parser.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS))
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: steadier on a shared machine)")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available here")
-    torch.set_num_threads(args.threads)
+    args, device = C.setup(parser, argv)
     reps, warmup = (5, 1) if args.quick else (15, 2)
     if device.type == "cpu":
         workloads = [C.small_cnn("cpu"), C.small_bert("cpu")]

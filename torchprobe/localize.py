@@ -212,7 +212,7 @@ def _describe(e: BaseException) -> str:
 def _read(session: _Session) -> tuple[list[ModuleError], list[InputStats]]:
     """One host read for every pending vector; build the typed results."""
     vectors = [p.vector for p in session.pending if p.vector is not None]
-    host = _to_host(vectors)
+    host = _stats.to_host(vectors)
     stat_triples = [p.stats for p in session.pending if p.stats is not None]
     read_stats = _stats.read(stat_triples)
     input_stats = _stats.read([(d, s, v) for _, d, s, v in session.inputs])
@@ -229,19 +229,6 @@ def _read(session: _Session) -> tuple[list[ModuleError], list[InputStats]]:
         errors.append(ModuleError(p.key, p.call.name, p.call.index, p.target, p.kind, metrics, stats, p.failure, evidence))
     inputs = [InputStats(key, s) for (key, _, _, _), s in zip(session.inputs, input_stats)]
     return errors, inputs
-
-
-def _to_host(vectors: list[Tensor]) -> list[list[float]]:
-    if not vectors:
-        return []
-    out: list[list[float]] = [[]] * len(vectors)
-    by_device: dict[torch.device, list[int]] = {}
-    for i, v in enumerate(vectors):
-        by_device.setdefault(v.device, []).append(i)
-    for idx in by_device.values():
-        for i, row in zip(idx, torch.stack([vectors[i] for i in idx]).cpu().tolist()):
-            out[i] = row
-    return out
 
 
 def report(

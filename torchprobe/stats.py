@@ -324,19 +324,29 @@ def _decode_slab_rows(rows: Tensor, numels: Sequence[int]) -> list[list[float]]:
     return torch.cat([lohi, sums, counts.double()], dim=1).tolist()
 
 
+def to_host(vectors: Sequence[Tensor]) -> list[list[float]]:
+    """Small device vectors as host lists, with one stack-and-copy per device."""
+    out: list[list[float]] = [[] for _ in vectors]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, v in enumerate(vectors):
+        by_device.setdefault(v.device, []).append(i)
+    for idx in by_device.values():
+        for i, row in zip(idx, torch.stack([vectors[i] for i in idx]).cpu().tolist()):
+            out[i] = row
+    return out
+
+
 def read(pending: Sequence[tuple[torch.dtype, tuple[int, ...], Tensor | SlabRow | None]]) -> list[TensorStats]:
     """Turn (dtype, shape, summary) triples into TensorStats: one host copy per device for the
     eager vectors, one gather and copy per slab block for the Triton rows."""
-    vectors: dict[torch.device, list[int]] = {}
+    vectors: list[int] = []
     slab_rows: dict[int, tuple[Tensor, list[int]]] = {}
     for i, (_, _, v) in enumerate(pending):
         if isinstance(v, SlabRow):
             slab_rows.setdefault(id(v.block), (v.block, []))[1].append(i)
         elif v is not None:
-            vectors.setdefault(v.device, []).append(i)
-    host: dict[int, list[float]] = {}
-    for idx in vectors.values():
-        host.update(zip(idx, torch.stack([pending[i][2] for i in idx]).cpu().tolist()))
+            vectors.append(i)
+    host: dict[int, list[float]] = dict(zip(vectors, to_host([pending[i][2] for i in vectors])))
     for block, idx in slab_rows.values():  # copy the used rows of each block, pick on the host
         where = [pending[i][2].index for i in idx]
         rows = block[: max(where) + 1].cpu()[where]
