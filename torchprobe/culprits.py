@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .capture import Row
+from .capture import HEAVY_UNDERFLOW, Row
 from .findings import Culprit, InputStats, ModuleError, TargetOutcome, worst
 from .formats import FP16_MAX
 from .metrics import within
@@ -31,7 +31,6 @@ from .targets import Target
 
 _SEVERITY = {"error": 0, "overflow": 1, "nan": 2, "underflow": 3, "local-error": 4}
 _NORMS = ("LayerNorm", "GroupNorm", "BatchNorm", "RMSNorm", "InstanceNorm")
-HEAVY_FLUSH = 0.01
 
 
 @dataclass
@@ -120,6 +119,6 @@ def _explain(call: _Call, failure: str | None, adds_nonfinite: bool, metric: str
         return kind, f"produces {inf} Inf / {nan} NaN from finite inputs (input absmax {num(in_absmax)})"
     flushed = [(r.flush_fp16 or 0) / max(r.numel, 1) for r in outputs if r.is_floating]
     in_flushed = [(s.flush_fp16 or 0) / max(s.numel, 1) for s in inputs]
-    if fp16 and max(flushed + in_flushed, default=0.0) > HEAVY_FLUSH:
+    if fp16 and max(flushed + in_flushed, default=0.0) > HEAVY_UNDERFLOW:
         return "underflow", f"{max(flushed + in_flushed):.1%} of its values flush to zero in FP16 (local {metric} {num(local)})"
     return "local-error", f"local {metric} {num(local)} on the reference's exact inputs (tol {num(tol)})"

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import InvalidArgument, UnsupportedTarget
 from ..names import ROOT, submodule
-from ..tree import cast_floating
+from ..tree import cast_floating, map_tensors
 from .base import DTYPES, LOW_PRECISION, Backend, Target, check_dtype, dtype_name
 from .plan import PrecisionPlan
 
@@ -113,13 +113,8 @@ class Runner:
 
 
 def _upcast(out: Any) -> Any:
-    return cast_floating(out, torch.float32) if _has_low(out) else out
-
-
-def _has_low(out: Any) -> bool:
-    from ..tree import named_leaves
-
-    return any(t.dtype in LOW_PRECISION for _, t in named_leaves(out))
+    """FP16/BF16 outputs as FP32; FP32/FP64 and integer outputs untouched."""
+    return map_tensors(out, lambda t: t.float() if t.dtype in LOW_PRECISION else t)
 
 
 def _dtype_unavailable(dtype: torch.dtype, device: torch.device) -> str | None:
