@@ -15,7 +15,7 @@ from torch import nn
 
 import torchprobe as tp
 from torchprobe.capture import Row
-from torchprobe.findings import Culprit, ModuleError, Report, TargetOutcome
+from torchprobe.results import Culprit, ModuleError, Report, TargetOutcome
 from torchprobe.metrics import ErrorMetrics
 from torchprobe.render.html import MAX_LINE_POINTS, MAX_TABLE_ROWS, report_html, write_report_html
 

@@ -2,20 +2,21 @@
 
     import torchprobe as tp
     rep = tp.report(model, x, targets=("autocast:fp16", "eager:fp16", "strict:fp16"))
-    print(rep); rep.culprits
+    print(rep); rep.culprits; rep.latent
     fix = tp.bisect(model, x, target="strict:fp16", tol=1e-2); print(fix.snippet())
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-from .capture import Recording, Row, record
-from .dumps import Dump, DumpComparison, compare, dump, load_dump, save_dump
-from .errors import DumpError, InvalidArgument, TorchprobeError, UnsupportedTarget
-from .findings import Culprit, Report
+from .capture import Recording, Row, dump, record
+from .dumps import Dump, DumpComparison, compare, load_dump, save_dump
+from .errors import DumpError, InvalidArgument, NonFiniteReference, TorchprobeError, UnsupportedTarget
+from .kinds import ErrorKind, Reason, Risk
 from .localize import report
-from .metrics import ErrorMetrics, measure
-from .search import Fix, Isolation, bisect, isolate
+from .metrics import ErrorMetrics, Metric, get_metric, measure
+from .results import Culprit, Fix, Isolation, Report
+from .search import bisect, isolate
 from .weights import WeightReport, check_weights
 from .monitor import HeadroomTrendWarning, HeadroomWarning, LowHeadroomWarning, Monitor, MonitorHistory
 from . import targets
@@ -29,8 +30,9 @@ __all__ = [
     "check_weights", "WeightReport",
     "Monitor", "MonitorHistory", "HeadroomWarning", "LowHeadroomWarning", "HeadroomTrendWarning",
     "dump", "compare", "load_dump", "save_dump", "Dump", "DumpComparison",
-    "measure", "ErrorMetrics",
+    "measure", "ErrorMetrics", "Metric", "get_metric",
+    "ErrorKind", "Reason", "Risk",
     "PrecisionPlan", "Target", "parse_target", "targets",
-    "TorchprobeError", "InvalidArgument", "UnsupportedTarget", "DumpError",
+    "TorchprobeError", "InvalidArgument", "UnsupportedTarget", "DumpError", "NonFiniteReference",
     "__version__",
 ]

@@ -20,13 +20,14 @@ import torch
 from torch import Tensor, nn
 
 from . import stats as _stats
+from .dumps import save_dump
 from .errors import InvalidArgument
-from .names import Patterns, has_forward, module_names, name_filter
+from .formats import HEAVY_UNDERFLOW, LOW_HEADROOM_BITS
+from .kinds import Risk as RiskKind
+from .names import CallKey, Patterns, has_forward, module_names, name_filter
 from .stats import Summarizer, TensorStats
-from .tree import leaf_key, named_leaves
-
-LOW_HEADROOM_BITS = 1.0  # absmax above 32752: one doubling from FP16 overflow
-HEAVY_UNDERFLOW = 0.01  # more than 1% of the values flush to zero in FP16
+from .targets import build
+from .tree import as_call, leaf_key, map_tensors, named_leaves, replay_copy
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Call:
 
     @property
     def key(self) -> str:
-        return self.name if self.index == 0 else f"{self.name}#{self.index}"
+        return str(CallKey(self.name, self.index))
 
 
 BeforeHook = Callable[[Call, nn.Module, tuple, dict], None]
@@ -124,7 +125,7 @@ class Risk:
     """A row that is at risk in FP16, and why (``overflow``, ``nan``, ``low-headroom``, ``underflow``)."""
 
     key: str
-    kind: str
+    kind: RiskKind
     detail: str
 
 
@@ -134,14 +135,14 @@ def risks(row: TensorStats, key: str) -> list[Risk]:
         return []
     found = []
     if row.nan:
-        found.append(Risk(key, "nan", f"{row.nan} NaN"))
+        found.append(Risk(key, RiskKind.NAN, f"{row.nan} NaN"))
     if row.inf or row.beyond_fp16:
-        found.append(Risk(key, "overflow", f"{row.beyond_fp16} finite values beyond 65504, {row.inf} Inf (absmax {row.absmax:.4g})"))
+        found.append(Risk(key, RiskKind.OVERFLOW, f"{row.beyond_fp16} finite values beyond 65504, {row.inf} Inf (absmax {row.absmax:.4g})"))
     elif row.headroom_bits is not None and row.headroom_bits < LOW_HEADROOM_BITS:
-        found.append(Risk(key, "low-headroom", f"absmax {row.absmax:.4g}: {row.headroom_bits:.2f} bits below FP16 max"))
+        found.append(Risk(key, RiskKind.LOW_HEADROOM, f"absmax {row.absmax:.4g}: {row.headroom_bits:.2f} bits below FP16 max"))
     finite = row.numel - row.nonfinite
     if finite and row.flush_fp16 / finite > HEAVY_UNDERFLOW:
-        found.append(Risk(key, "underflow", f"{row.flush_fp16 / finite:.1%} of values flush to zero in FP16"))
+        found.append(Risk(key, RiskKind.UNDERFLOW, f"{row.flush_fp16 / finite:.1%} of values flush to zero in FP16"))
     return found
 
 
@@ -169,7 +170,11 @@ class Recording:
         self.calls: Counter = Counter()
 
     # -- hook side -------------------------------------------------------------------------
-    def _summary_of(self, t: Tensor, copy: bool = True) -> tuple[Tensor | None, Tensor | None]:
+    def summarize(self, t: Tensor) -> Any:
+        """An on-device summary of ``t`` (read later with the rows, in one host read)."""
+        return self._summarize(t)
+
+    def summary(self, t: Tensor, copy: bool = True) -> tuple[Tensor | None, Tensor | None]:
         """Summary vector (and captured copy) of ``t``, reused when the very same tensor object
         in the same version was seen already (a container returning its child's output)."""
         version = -1 if t.is_inference() else t._version
@@ -188,11 +193,12 @@ class Recording:
             return t.to("cpu", non_blocking=True)
         return t.clone()
 
-    def _after(self, call: Call, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def observe(self, call: Call, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """The after-hook: summarize (and capture) every tensor leaf of one module call's output."""
         self._rows = None
         for path, t in named_leaves(output):
             key = leaf_key(call.key, path)
-            vector, copy = self._summary_of(t)
+            vector, copy = self.summary(t)
             self._pending.append(_Pending(key, call.name, call.index, path, call.module_type, t.dtype, tuple(t.shape), vector))
             if copy is not None:
                 self._tensors[key] = copy
@@ -240,8 +246,6 @@ class Recording:
 
     def save(self, path: str | Path, target: str = "fp32") -> Path:
         """Write the captured tensors to a safetensors dump (atomically)."""
-        from .dumps import save_dump
-
         tensors = self.tensors
         return save_dump(path, tensors, target=target, order=[r.key for r in self.rows if r.key in tensors])
 
@@ -270,9 +274,88 @@ def record(
     """
     if not isinstance(model, nn.Module):
         raise InvalidArgument(f"record(model=...) takes an nn.Module; got {type(model).__name__}")
-    keep = name_filter(include, exclude)
-    rec = Recording(model, keep, capture, offload, fused)
-    with module_calls(model, keep, after=rec._after) as counts:
-        rec.calls = counts
+    with recording(model, name_filter(include, exclude), capture=capture, offload=offload, fused=fused) as rec:
         yield rec
-    rec._seen.clear()
+
+
+@contextlib.contextmanager
+def recording(
+    model: nn.Module,
+    keep: Callable[[str], bool],
+    *,
+    capture: bool = False,
+    offload: bool = False,
+    fused: bool | None = None,
+    before: BeforeHook | None = None,
+    after: AfterHook | None = None,
+) -> Iterator[Recording]:
+    """The one capture API: a :class:`Recording` of every kept module call, plus optional
+    ``before``/``after`` callbacks that run around each call (``after`` runs once the call's
+    output is recorded). report(), isolate(), bisect() and Monitor build on it.
+    """
+    rec = Recording(model, keep, capture, offload, fused)
+
+    def observe_then(call: Call, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        rec.observe(call, module, args, kwargs, output)
+        if after is not None:
+            after(call, module, args, kwargs, output)
+
+    try:
+        with module_calls(model, keep, before=before, after=observe_then) as counts:
+            rec.calls = counts
+            yield rec
+    finally:
+        rec._seen.clear()
+
+
+def dump(model: nn.Module, inputs: Any, path: str | Path, target: str = "fp32", include: Patterns = None,
+         exclude: Patterns = None) -> Path:
+    """Run ``model`` (a private copy) under ``target`` once and save every module output.
+
+    Keys are the row keys of :func:`record`. For compiling backends (inductor, tensorrt) only the
+    final output exists as a module output.
+
+        >>> tp.dump(model, x, "fp32.safetensors")
+        >>> tp.dump(model, x, "strict.safetensors", target="strict:fp16")
+        >>> print(tp.compare("fp32.safetensors", "strict.safetensors"))
+    """
+    args, kwargs = as_call(inputs)
+    runner = build(target, model, args, kwargs)
+    with torch.no_grad(), record(runner.module, include=include, exclude=exclude, capture=True, offload=True) as rec:
+        runner(*args, **kwargs)
+    return rec.save(path, target=str(runner.target) if not runner.target.is_reference else str(target))
+
+
+@dataclass
+class CapturedCall:
+    """One module call's inputs (copied before it ran) and output, from a reference pass."""
+
+    call: Call
+    args: tuple
+    kwargs: dict
+    output: Any
+
+
+def capture_calls(run: Callable[..., Any], model: nn.Module | None = None, names: Any = None, args: tuple = (),
+                  kwargs: dict | None = None) -> tuple[list[CapturedCall], Any]:
+    """Run ``run(*args, **kwargs)`` once and keep, for every call of a module in ``names`` (of
+    ``model``, default ``run.module``), private copies of its inputs (taken before it ran, so
+    in-place ops cannot change them) and of its output. Returns the calls in the order they
+    returned, and the run's output."""
+    model = run.module if model is None else model
+    kwargs = kwargs or {}
+    captured: dict[str, CapturedCall] = {}
+    order: list[str] = []
+
+    def before(call: Call, module: nn.Module, a: tuple, k: dict) -> None:
+        a, k = replay_copy((a, k))
+        captured[call.key] = CapturedCall(call, a, k, None)
+
+    def after(call: Call, module: nn.Module, a: tuple, k: dict, out: Any) -> None:
+        captured[call.key].output = map_tensors(out, lambda t: t.detach().clone())
+        order.append(call.key)
+
+    a, k = replay_copy((args, kwargs))
+    with module_calls(model, lambda n: n in names, before=before, after=after):
+        output = run(*a, **k)
+    return [captured[key] for key in order], output

@@ -329,23 +329,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
         if path is not None:
             write(path)
             _note(args, f"wrote {path}")
-    return EXIT_OK if rep else EXIT_DIVERGES
+    return rep.exit_code
 
 
 def _summary(rep: Any) -> str:
     """One line per target (for --quiet): verdict, final error against tol, top culprits."""
-    from .render.text import num
+    from .render.text import summary_lines
 
-    lines = []
-    for o in rep.outcomes:
-        if o.failure:
-            lines.append(f"{o.target}: FAILED: {o.failure}")
-            continue
-        err = "-" if o.output_error is None else num(o.output_error[rep.metric])
-        culprits = ", ".join(f"{c.module} ({c.reason})" for c in rep.culprits_for(o.target)[:3])
-        tail = f"; culprits: {culprits}" if culprits else ""
-        lines.append(f"{o.target}: {'OK' if o.passed else 'DIVERGES'}: final {rep.metric} {err} (tol {num(o.tol)}){tail}")
-    return "\n".join(lines)
+    return "\n".join(summary_lines(rep))
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from .models.detector import build_detector
 from .search import bisect
 from .targets import build
 from .metrics import measure
+from .render.text import summary_lines
 from .tree import named_leaves
 
 TARGETS = ("autocast:fp16", "eager:fp16", "strict:fp16")
@@ -29,6 +30,9 @@ def main(quiet: bool = False) -> int:
     say(rep)
     fix = bisect(model, images, target="strict:fp16")
     say("\n" + str(fix))
+    if quiet:  # the verdict lines alone
+        print("\n".join(summary_lines(rep)))
+        print(str(fix).splitlines()[0])
     verified = bool(fix)
     if verified:
         ref = build("fp32", model, (images,), {})(images)

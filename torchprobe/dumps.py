@@ -962,26 +962,3 @@ def _shape_str(shape: tuple[int, ...]) -> str:
 
 def _bracket(text: str | None) -> str:
     return f" [{text}]" if text else ""
-
-
-def dump(model: Any, inputs: Any, path: PathLike, target: str = "fp32", include: Any = None, exclude: Any = None) -> Path:
-    """Run ``model`` (a private copy) under ``target`` once and save every module output.
-
-    Keys are the row keys of :func:`torchprobe.record`. For compiling backends (inductor,
-    tensorrt) only the final output exists as a module output.
-
-        >>> tp.dump(model, x, "fp32.safetensors")
-        >>> tp.dump(model, x, "strict.safetensors", target="strict:fp16")
-        >>> print(tp.compare("fp32.safetensors", "strict.safetensors"))
-    """
-    import torch
-
-    from .capture import record
-    from .targets import build
-    from .tree import as_call
-
-    args, kwargs = as_call(inputs)
-    runner = build(target, model, args, kwargs)
-    with torch.no_grad(), record(runner.module, include=include, exclude=exclude, capture=True, offload=True) as rec:
-        runner(*args, **kwargs)
-    return rec.save(path, target=str(runner.target) if not runner.target.is_reference else str(target))

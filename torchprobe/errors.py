@@ -16,3 +16,7 @@ class UnsupportedTarget(TorchprobeError):
 
 class DumpError(TorchprobeError):
     """A dump file is missing, corrupted, or not a torchprobe dump."""
+
+
+class NonFiniteReference(TorchprobeError):
+    """The FP32/FP64 reference itself holds NaN/Inf: nothing can be judged or verified against it."""

@@ -19,3 +19,8 @@ def headroom_bits(absmax: float) -> float:
     if math.isinf(absmax):
         return float("-inf")
     return math.log2(FP16_MAX / absmax)
+
+# Risk thresholds: every place that judges FP16 risk reads them here.
+LOW_HEADROOM_BITS = 1.0  # absmax above 32752: one doubling from FP16 overflow
+HEAVY_UNDERFLOW = 0.01  # more than 1% of the non-zero values flush to zero in FP16
+AUTOCAST_RULE_THRESHOLD = 512.0  # TensorRT / ModelOpt autocast keep FP32 where |x| > 512

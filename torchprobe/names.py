@@ -1,4 +1,12 @@
-"""Module names as in ``named_modules()``, shared-module aliases, include/exclude filters."""
+"""Module names as in ``named_modules()``, call keys, shared-module aliases, include/exclude filters.
+
+A row key names one tensor leaf of one module call: ``blocks.0.attn#1:0`` is leaf ``0`` of the
+second call of ``blocks.0.attn``; the first call has no ``#0`` and a lone tensor no ``:leaf``.
+
+    >>> key = RowKey.parse("blocks.0.attn#1:0")
+    >>> key.call, key.leaf, str(key.call), str(RowKey(CallKey("head"), "logits"))
+    (CallKey(name='blocks.0.attn', index=1), '0', 'blocks.0.attn#1', 'head:logits')
+"""
 from __future__ import annotations
 
 import fnmatch
@@ -12,6 +20,45 @@ from .errors import InvalidArgument
 ROOT = "(root)"
 
 Patterns = str | Sequence[str] | None
+
+
+@dataclass(frozen=True)
+class CallKey:
+    """One call of one module: ``name`` for the first call, ``name#k`` for call ``k``."""
+
+    name: str
+    index: int = 0
+
+    def __str__(self) -> str:
+        return self.name if self.index == 0 else f"{self.name}#{self.index}"
+
+    @classmethod
+    def parse(cls, text: str) -> "CallKey":
+        name, sep, index = text.rpartition("#")
+        if sep and index.isdigit():
+            return cls(name, int(index))
+        return cls(text, 0)
+
+
+@dataclass(frozen=True)
+class RowKey:
+    """One tensor leaf of one module call: ``call`` alone for a lone tensor, else ``call:leaf``."""
+
+    call: CallKey
+    leaf: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.call}:{self.leaf}" if self.leaf else str(self.call)
+
+    @classmethod
+    def parse(cls, text: str) -> "RowKey":
+        call, _, leaf = text.partition(":")
+        return cls(CallKey.parse(call), leaf)
+
+
+def call_key_of(row_key: str) -> str:
+    """The call part of a row key string: ``blocks.0#1:out`` -> ``blocks.0#1``."""
+    return str(RowKey.parse(row_key).call)
 
 
 @dataclass(frozen=True)
@@ -68,13 +115,20 @@ def has_forward(module: nn.Module) -> bool:
     return type(module).forward is not nn.Module.forward
 
 
+def outermost(names: Iterable[str]) -> list[str]:
+    """The names not inside another of the names, sorted (the root contains every module)."""
+    names = set(names)
+    return sorted(n for n in names if not any(o != n and is_within(n, o) for o in names))
+
+
+def innermost(names: Iterable[str]) -> list[str]:
+    """The names with no other of the names inside them (the smallest modules), in given order."""
+    names = list(dict.fromkeys(names))
+    return [n for n in names if not any(o != n and is_within(o, n) for o in names)]
+
+
 def leaf_names(model: nn.Module) -> list[str]:
     return [n.name for m, n in module_names(model).items() if not any(True for _ in m.children())]
-
-
-def unknown_names(model: nn.Module, names: Iterable[str]) -> list[str]:
-    known = {alias for n in module_names(model).values() for alias in (n.name, *n.aliases)}
-    return [n for n in names if n not in known]
 
 
 def submodule(model: nn.Module, name: str) -> nn.Module:

@@ -1,6 +1,7 @@
 """Flatten any pytree of module inputs/outputs into named tensor leaves, once, in one place."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Callable
 
@@ -80,3 +81,16 @@ def as_call(inputs: Any) -> tuple[tuple, dict[str, Any]]:
     if isinstance(inputs, (tuple, list)):
         return tuple(inputs), {}
     return (inputs,), {}
+
+
+def replay_copy(obj: Any) -> Any:
+    """A private copy of call inputs for one replay: tensors detached and cloned, and every
+    mutable non-tensor object (a transformers Cache, dicts, lists, dataclasses) copied too, so a
+    replay can never change what the reference or another replay sees."""
+    memo: dict[int, Any] = {}
+    for _, t in named_leaves(obj):
+        memo[id(t)] = t.detach().clone()
+    try:
+        return copy.deepcopy(obj, memo)
+    except Exception:  # noqa: BLE001 - an object that refuses deepcopy: copy its tensors only
+        return map_tensors(obj, lambda t: t.detach().clone())

@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from ..atomic import write_text
-from ..capture import LOW_HEADROOM_BITS
-from ..findings import worst
-from ..metrics import within, worse
+from ..formats import LOW_HEADROOM_BITS
+from ..metrics import get_metric, worst_value
+from ..names import CallKey
 from .text import num, trim
 
 if TYPE_CHECKING:
-    from ..findings import Report
+    from ..results import Report
 
 MARKER_LIMIT = 150
 MAX_LINE_POINTS = 1200
@@ -69,8 +69,6 @@ def report_html(rep: "Report") -> str:
         "<h2>Per-module table</h2>",
         _table(rep, calls, cells),
     ]
-    if rep.peak_note:
-        body.append(f'<p class="note">{_e(rep.peak_note)}</p>')
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f'<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -106,7 +104,7 @@ class _Cell:
 
 
 def _call_key(module: str, call: int) -> str:
-    return module if call == 0 else f"{module}#{call}"
+    return str(CallKey(module, call))
 
 
 def _call_rows(rep: "Report") -> list[_CallRow]:
@@ -139,7 +137,7 @@ def _error_cells(rep: "Report") -> dict[tuple[str, str, str], _Cell]:
     out = {}
     for k, errs in grouped.items():
         failure = next((e.failure for e in errs if e.failure), None)
-        value = None if failure else worst(rep.metric, [e.metrics for e in errs])
+        value = None if failure else worst_value(rep.metric, [e.metrics for e in errs])
         out[k] = _Cell(value, failure, sum((e.stats.nan or 0) for e in errs if e.stats),
                       sum((e.stats.inf or 0) for e in errs if e.stats))
     return out
@@ -338,7 +336,7 @@ def _legend(items: list[tuple[str, str, str]]) -> str:
 
 def _display(metric: str, v: float) -> float:
     """The plotted value: cosine is shown as 1 - cosine so that every error plot is 'up is worse'."""
-    return 1.0 - v if metric == "cosine" else v
+    return 1.0 - v if get_metric(metric).similarity else v
 
 
 def _error_plot(rep: "Report", calls: list[_CallRow], cells: dict, colors: dict[str, str]) -> str:
@@ -356,7 +354,7 @@ def _error_plot(rep: "Report", calls: list[_CallRow], cells: dict, colors: dict[
     zero_y = bottom + 12  # the band below holds exact matches (zero error)
     x = _Scale(0, max(n - 1, 1), LEFT + 8, WIDTH - RIGHT - 8)
     y, label, fmt = _error_axis(metric, shown, top, bottom)
-    is_worse = lambda a, b: worse(metric, a, b)
+    is_worse = get_metric(metric).worse
 
     def py(v: float) -> float:
         if _nonfinite(metric, v):
@@ -424,7 +422,7 @@ def _markers(pts: list[tuple[int, _Cell]], kind: str, metric: str, tol: float, n
     """
     out, left = [], False
     for i, c in pts:
-        bad = c.failure is not None or _nonfinite(metric, c.value) or not within(metric, c.value, tol)
+        bad = c.failure is not None or _nonfinite(metric, c.value) or not get_metric(metric).passes(c.value, tol)
         first = kind == "propagated" and bad and not left
         left = left or (kind == "propagated" and bad)
         notable = c.failure is not None or calls[i].key in culprits or (bad and kind == "local") or first
@@ -435,12 +433,13 @@ def _markers(pts: list[tuple[int, _Cell]], kind: str, metric: str, tol: float, n
 
 def _nonfinite(metric: str, v: float) -> bool:
     """A NaN or infinitely bad error value (drawn in the band above the plot)."""
-    return math.isnan(v) or v == (-math.inf if metric == "sqnr" else math.inf)
+    worst_end = -math.inf if get_metric(metric).higher_is_better else math.inf
+    return math.isnan(v) or v == worst_end
 
 
 def _tol_value(metric: str, tol: float) -> float:
     """The metric value at the tolerance boundary (cosine: 1 - tol)."""
-    return 1.0 - tol if metric == "cosine" else tol
+    return get_metric(metric).bound(tol)
 
 
 def _group_tols(tols: dict[str, float]) -> dict[float, list[str]]:
@@ -554,7 +553,7 @@ def _value_cell(cell: _Cell | None, metric: str, tol: float) -> str:
         return "<td>-</td>"
     if cell.failure:
         return f'<td class=bad title="{_e(cell.failure)}">failed</td>'
-    out = " class=bad" if not within(metric, cell.value, tol) else ""
+    out = " class=bad" if not get_metric(metric).passes(cell.value, tol) else ""
     return f"<td{out}>{num(cell.value)}</td>"
 
 

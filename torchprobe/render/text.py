@@ -1,4 +1,4 @@
-"""Text tables (tabulate) for recordings and reports."""
+"""Text tables (tabulate) for recordings, reports, isolations and fixes: formatting only."""
 from __future__ import annotations
 
 import math
@@ -6,10 +6,34 @@ from typing import TYPE_CHECKING, Sequence
 
 from tabulate import tabulate
 
+from ..kinds import ErrorKind, FixOutcome
+from ..metrics import get_metric
+from ..names import call_key_of
+
 if TYPE_CHECKING:
     from ..capture import Recording
 
 MAX_ROWS = 60
+NAME_WIDTH = 44
+
+
+def stat(x: float | None, digits: int = 3) -> str:
+    """A statistic: '-' when undefined (None or NaN, e.g. the absmax of an all-NaN tensor)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return num(x, digits)
+
+
+def short(name: str, width: int = NAME_WIDTH) -> str:
+    """``name`` abbreviated in the middle to at most ``width`` characters."""
+    if len(name) <= width:
+        return name
+    keep = width - 1
+    return name[: keep // 2] + "…" + name[len(name) - (keep - keep // 2):]
+
+
+def plural(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else (many or one + 's')}"
 
 
 def num(x: float | None, digits: int = 3) -> str:
@@ -49,16 +73,16 @@ def trim(rows: Sequence[list], keep: Sequence[bool] | None = None, limit: int = 
 def recording_table(rec: "Recording") -> str:
     headers = ["module call", "type", "dtype", "shape", "absmax", "rms", "headroom bits", "nan/inf", ">fp16 max", "fp16 flush"]
     rows, flags = [], []
+    risks = rec.at_risk()
+    risky = {r.key for r in risks}
     for r in rec.rows:
-        risky = bool(r.is_floating and (r.nonfinite or r.beyond_fp16 or (r.headroom_bits or 99) < 1))
-        flags.append(risky)
+        flags.append(r.key in risky)
         rows.append([
-            r.key, r.module_type, r.dtype, "x".join(map(str, r.shape)) or "()",
-            num(r.absmax), num(r.rms), num(r.headroom_bits), f"{r.nan}/{r.inf}" if r.is_floating else "-",
+            short(r.key), r.module_type, r.dtype, "x".join(map(str, r.shape)) or "()",
+            stat(r.absmax), stat(r.rms), stat(r.headroom_bits), f"{r.nan}/{r.inf}" if r.is_floating else "-",
             num(r.beyond_fp16), num(r.flush_fp16),
         ])
     parts = [tabulate(trim(rows, flags), headers=headers, disable_numparse=True)]
-    risks = rec.at_risk()
     if risks:
         parts.append(f"\nAt risk in FP16 ({len(risks)}):")
         parts.extend(f"  {r.key}: {r.kind}: {r.detail}" for r in risks[:20])
@@ -72,79 +96,161 @@ def recording_table(rec: "Recording") -> str:
     return "\n".join(parts)
 
 
-def report_text(rep) -> str:
-    """Verdict per target first, then culprits, then the per-module table in call order."""
-    lines = [f"torchprobe report: {rep.model}, reference {rep.reference}, metric {rep.metric}"]
+def _verdict_lines(rep) -> list[str]:
+    lines = []
     for o in rep.outcomes:
         if o.failure:
-            lines.append(f"  {o.target:<16} FAILED    {o.failure}")
+            lines.append(f"  {o.target:<18} FAILED    {o.failure}")
             continue
         err = "-" if o.output_error is None else num(o.output_error[rep.metric])
         verdict = "OK" if o.passed else "DIVERGES"
         top = rep.culprits_for(o.target)[:3]
         tail = f"  culprits: {', '.join(f'{c.module} ({c.reason})' for c in top)}" if top else ""
-        lines.append(f"  {o.target:<16} {verdict:<9} final {rep.metric} {err} (tol {num(o.tol)}){tail}")
+        if o.passed and rep.latent_for(o.target):
+            tail = f"  latent: {len(rep.latent_for(o.target))} (broken inside, masked)"
+        rule = get_metric(rep.metric).rule(o.tol)
+        lines.append(f"  {o.target:<18} {verdict:<9} final {rep.metric} {err} ({rule}){tail}")
+    return lines
+
+
+def summary_lines(rep) -> list[str]:
+    """One line per target: verdict, final error against tol, top culprits (``--quiet``)."""
+    lines = []
+    for o in rep.outcomes:
+        if o.failure:
+            lines.append(f"{o.target}: FAILED: {o.failure}")
+            continue
+        err = "-" if o.output_error is None else num(o.output_error[rep.metric])
+        culprits = ", ".join(f"{c.module} ({c.reason})" for c in rep.culprits_for(o.target)[:3])
+        tail = f"; culprits: {culprits}" if culprits else ""
+        if o.passed and rep.latent_for(o.target):
+            tail = f"; latent: {', '.join(f'{c.module} ({c.reason})' for c in rep.latent_for(o.target)[:3])}"
+        rule = get_metric(rep.metric).rule(o.tol)
+        lines.append(f"{o.target}: {'OK' if o.passed else 'DIVERGES'}: final {rep.metric} {err} ({rule}){tail}")
+    if not rep.reference_finite and rep.culprits:
+        lines.append(f"{rep.reference}: NOT FINITE: NaN/Inf first from {rep.culprits[0].module} ({rep.culprits[0].reason})")
+    return lines
+
+
+def report_text(rep) -> str:
+    """Verdict per target first, then culprits, latent findings, then the per-module table."""
+    lines = [f"torchprobe report: {rep.model}, reference {rep.reference}, metric {rep.metric}"]
+    lines += _verdict_lines(rep)
+    if not rep.reference_finite:
+        lines.append(f"\nThe {rep.reference} reference is not finite: fix the model before judging any target.")
+        title = f"Where NaN/Inf first appears in the {rep.reference} reference:"
+    else:
+        title = "Culprits (the modules that introduce the error, most severe first):"
     if rep.culprits:
-        lines.append("\nCulprits (the modules that introduce the error, smallest first):")
+        lines.append("\n" + title)
         for i, c in enumerate(rep.culprits[:10], 1):
             lines.append(f"  {i}. {c.module} [{c.module_type}] under {c.target}: {c.reason}: {c.evidence}")
         if len(rep.culprits) > 10:
             lines.append(f"  ... {len(rep.culprits) - 10} more")
+    elif rep:
+        lines.append("\nNo culprit: every target is within tolerance.")
     else:
-        lines.append("\nNo culprit: every target is within tolerance." if rep else "\nNo single module explains the divergence.")
+        lines.append("\nNo single module explains the divergence.")
+    if rep.latent:
+        lines.append("\nLatent (within tolerance, but broken inside — masked downstream):")
+        for i, c in enumerate(rep.latent[:10], 1):
+            masked = f"; masked by {c.masked_by}" if c.masked_by else ""
+            lines.append(f"  {i}. {c.module} [{c.module_type}] under {c.target}: {c.reason}: {c.evidence}{masked}")
+        if len(rep.latent) > 10:
+            lines.append(f"  ... {len(rep.latent) - 10} more")
+    if rep.replay_failures:
+        lines.append(f"\n{plural(len(rep.replay_failures), 'module')} could not be replayed alone by torchprobe "
+                     f"(not findings; logged with tracebacks): {', '.join(rep.replay_failures[:3])}")
     lines.append("")
     lines.append(module_table(rep))
-    if rep.peak_note:
-        lines.append(rep.peak_note)
     return "\n".join(lines)
 
 
 def module_table(rep) -> str:
-    from ..findings import worst
-
-    by = {}
+    metric = get_metric(rep.metric)
+    by: dict[tuple, list] = {}
     for e in rep.errors:
-        call = e.module if e.call == 0 else f"{e.module}#{e.call}"
-        by.setdefault((call, e.target, e.kind), []).append(e)
+        by.setdefault((e.call_key, e.target, e.kind), []).append(e)
     seen, calls = set(), []
     for r in rep.rows:
-        call = r.key.split(":", 1)[0]
+        call = call_key_of(r.key)
         if call not in seen:
             seen.add(call)
             calls.append((call, r))
     headers = ["module call", "type", "ref absmax", "headroom"]
     for t in rep.targets:
-        headers += [f"{t} local", f"{t} prop."]
-    culprit_calls = {c.key for c in rep.culprits}
+        headers += [f"{t}\nlocal", f"{t}\nprop."]
+    marked = {c.key: "*" for c in rep.culprits} | {c.key: "°" for c in rep.latent if c.key not in {x.key for x in rep.culprits}}
     rows, flags = [], []
     for call, r in calls:
-        row = [call + (" *" if call in culprit_calls else ""), r.module_type, num(r.absmax), num(r.headroom_bits)]
+        row = [short(call) + (f" {marked[call]}" if call in marked else ""), r.module_type, stat(r.absmax), stat(r.headroom_bits)]
         for t in rep.targets:
-            for kind in ("local", "propagated"):
+            for kind in (ErrorKind.LOCAL, ErrorKind.PROPAGATED):
                 errs = by.get((call, t, kind))
                 if not errs:
                     row.append("-")
                 elif any(e.failure for e in errs):
                     row.append("failed")
                 else:
-                    row.append(num(worst(rep.metric, [e.metrics for e in errs])))
+                    row.append(num(metric.worst(math.inf if e.metrics is None else e.metrics[metric.name] for e in errs)))
         rows.append(row)
-        flags.append(call in culprit_calls)
-    return tabulate(trim(rows, flags), headers=headers, disable_numparse=True) + ("\n(* culprit)" if culprit_calls else "")
+        flags.append(call in marked)
+    legend = []
+    if any(v == "*" for v in marked.values()):
+        legend.append("* culprit")
+    if any(v == "°" for v in marked.values()):
+        legend.append("° latent")
+    return tabulate(trim(rows, flags), headers=headers, disable_numparse=True) + (f"\n({', '.join(legend)})" if legend else "")
+
+
+def fix_message(fix) -> str:
+    """What a Fix's search concluded, in one sentence."""
+    if fix.outcome == FixOutcome.ALREADY_WITHIN:
+        return "already within tolerance: nothing needs to stay in FP32"
+    if fix.outcome == FixOutcome.FOUND:
+        return fix.detail
+    if fix.outcome == FixOutcome.REFERENCE_NOT_FINITE:
+        return f"refused: {fix.detail}"
+    if fix.outcome == FixOutcome.NO_CANDIDATE:
+        return ("no module shows local error above tol: the error builds up across the model "
+                "(try a looser tol or a list of candidates)")
+    return f"no candidate set meets tol {num(fix.tol)}; tried: {fix.detail}"
 
 
 def fix_text(fix) -> str:
     verdict = "VERIFIED" if fix else "NOT FOUND"
+    metric = get_metric(fix.metric)
     lines = [
         f"torchprobe fix for {fix.target}: {verdict} — {fix.message}",
         f"  keep in FP32: {', '.join(fix.keep_fp32) or '(nothing)'}",
-        f"  final {fix.metric}: {num(fix.error_before)} before -> {num(fix.error_after)} after (tol {num(fix.tol)}), measured with the plan applied",
-        f"  cost: {fix.evaluations} full-model evaluations (bound {fix.bound}), {fix.compilations} per-module compilations, {len(fix.candidates)} candidates",
     ]
+    if fix.outcome == FixOutcome.REFERENCE_NOT_FINITE:
+        return "\n".join(lines)
+    lines.append(f"  final {fix.metric}: {num(fix.error_before)} before -> {num(fix.error_after)} after "
+                 f"({metric.rule(fix.tol)}), measured with the plan applied")
+    cost = f"  cost: {plural(fix.evaluations, 'full-model evaluation')}"
+    if fix.candidates:
+        cost += f" (bound {fix.bound} for one culprit)"
+    cost += f", {plural(fix.compilations, 'per-module compilation')}, {plural(len(fix.candidates), 'candidate')}"
+    lines.append(cost)
     if fix.rule is not None:
         r = fix.rule
-        lines.append(f"  rule-based autocast (keep FP32 where |x| > {r.threshold:g}) would keep {len(r.keep_fp32)} modules: "
+        kept = ", ".join(short(n, 40) for n in r.keep_fp32[:6]) + (f", ... {len(r.keep_fp32) - 6} more" if len(r.keep_fp32) > 6 else "")
+        lines.append(f"  rule-based autocast (keep FP32 where |x| > {r.threshold:g}) would keep "
+                     f"{plural(len(r.keep_fp32), 'module')}{': ' + kept if kept else ''} — "
                      f"{fix.metric} {num(r.error)} ({'meets' if r.passed else 'misses'} tol)")
-    steps = [[", ".join(s.keep_fp32) or "(nothing)", num(s.error), "pass" if s.passed else "fail", s.note] for s in fix.log]
-    lines.append(tabulate(trim(steps, limit=30), headers=["kept in FP32", fix.metric, "", "step"], disable_numparse=True))
+    steps = [[", ".join(s.keep_fp32) or "(nothing)", num(s.error), "pass" if s.passed else "fail",
+              s.note + (f" ({s.failure})" if s.failure else "")] for s in fix.log]
+    lines.append(tabulate(trim(steps, limit=30), headers=["kept in FP32", fix.metric, "result", "step"], disable_numparse=True))
     return "\n".join(lines)
+
+
+def isolation_text(iso) -> str:
+    culprits = {r.key for r in iso.culprits}
+    rows = [["  " * r.depth + short(r.key) + (" *" if r.key in culprits else ""), r.module_type,
+             "failed: " + r.failure if r.failure else num(r.error), r.backend_info or ""] for r in iso.rows]
+    head = (f"isolate {iso.target}: {plural(len(iso.rows), 'module call')}, {plural(iso.compilations, 'compilation')}, "
+            f"{plural(iso.reference_passes, 'reference pass', 'reference passes')}; local {iso.metric}, "
+            f"{get_metric(iso.metric).rule(iso.tol)}")
+    tail = f"\nculprits: {', '.join(sorted(culprits))}" if culprits else "\nno module above tolerance"
+    return head + "\n" + tabulate(rows, headers=["module call", "type", f"local {iso.metric}", "backend"], disable_numparse=True) + tail

@@ -1,0 +1,156 @@
+"""report(): where and why a model's output diverges under each target.
+
+The passes (reference with shadow runs, propagated per target) are in :mod:`.passes`; from their
+measurements :mod:`.culprits` names the culprits, the latent findings, and, when the reference
+itself is not finite, the module where NaN/Inf first appears.
+
+Peak memory: one copy of the model per target plus the reference, one copy of every module output
+of the reference (in host memory with ``offload=True``), and the live activations of one forward at
+a time. Shadow runs of nested containers re-run their subtree, so the reference pass costs about
+(depth of nesting) target forwards per target.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import InvalidArgument, TorchprobeError
+from ..kinds import ErrorKind
+from ..metrics import all_pass, get_metric, resolve_tol, worst_of
+from ..names import ROOT, Patterns, leaf_names, name_filter
+from ..progress import progress
+from ..results import Report, TargetOutcome
+from ..targets import Target, parse_target
+from ..tree import as_call, named_leaves
+from .culprits import find_findings, reference_origin
+from .passes import Session
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TARGETS = ("autocast:fp16", "eager:fp16", "strict:fp16")
+
+
+def module_filter(model: nn.Module, modules: Patterns | str) -> Callable[[str], bool]:
+    """``None`` (all), ``"leaves"``, or globs; the root is always kept (it is the final output)."""
+    if modules == "leaves":
+        leaves = set(leaf_names(model))
+        return lambda name: name == ROOT or name in leaves
+    keep = name_filter(modules)
+    return lambda name: name == ROOT or keep(name)
+
+
+def check_inputs(model: nn.Module, args: tuple, kwargs: dict, caller: str) -> None:
+    """Refuse models and inputs that no target can run: not a module, or on the meta device."""
+    if not isinstance(model, nn.Module):
+        raise InvalidArgument(f"{caller}(model=...) takes an nn.Module; got {type(model).__name__}")
+    for what, tensors in (("model", [*model.parameters(), *model.buffers()]),
+                          ("inputs", [t for _, t in named_leaves((args, kwargs))])):
+        devices = {t.device.type for t in tensors}
+        if "meta" in devices:
+            raise TorchprobeError(f"{caller}(): the {what} are on the 'meta' device, which holds no values; "
+                                  "torchprobe measures real numbers: materialize them (e.g. model.to_empty(device='cpu') "
+                                  "and load weights) and pass inputs on 'cpu' or 'cuda'")
+
+
+def floating_output_check(output: Any, caller: str) -> None:
+    if not any(t.is_floating_point() for _, t in named_leaves(output)):
+        kinds = sorted({str(t.dtype) for _, t in named_leaves(output)}) or [type(output).__name__]
+        raise TorchprobeError(f"{caller}(): the model returned no floating tensor (got {', '.join(kinds)}); "
+                              "torchprobe compares floating outputs: return the logits/activations to check")
+
+
+def report(
+    model: nn.Module,
+    inputs: Any,
+    targets: Iterable[str] = DEFAULT_TARGETS,
+    reference: str = "fp32",
+    modules: Patterns | str = None,
+    tol: float | Mapping[str, float] | None = None,
+    metric: str = "rel_l2",
+    local: bool = True,
+    offload: bool = False,
+) -> Report:
+    """Find where and why ``model``'s output diverges under each target.
+
+    ``inputs`` is a tensor, a tuple of positional args or a dict of kwargs. ``modules`` limits the
+    per-module rows (``"leaves"`` or globs; the final output is always measured). ``tol`` bounds
+    ``metric`` for the final output and for a module's local error (default per dtype: fp16 1e-2,
+    bf16 5e-2 relative L2; cosine must reach ``1 - tol``, SQNR ``tol`` dB), a float or a dict by
+    target string. ``offload=True`` keeps the reference copy of every module output in host memory.
+
+        >>> rep = tp.report(model, x, targets=("eager:fp16", "strict-onnx:fp16"))
+        >>> print(rep)                      # verdict per target, culprits, latent findings, table
+        >>> rep.culprits[0].module, rep.culprits[0].reason
+        ('encoder.layers.1.norm2', <Reason.OVERFLOW: 'overflow'>)
+    """
+    m = get_metric(metric)
+    args, kwargs = as_call(inputs)
+    check_inputs(model, args, kwargs, "report")
+    ref_target = parse_target(reference)
+    if not ref_target.is_reference:
+        raise InvalidArgument(f"reference={reference!r} must be 'fp32' or 'fp64'")
+    if isinstance(targets, str):
+        targets = (targets,)
+    parsed = [parse_target(t) for t in targets]
+    if not parsed:
+        raise InvalidArgument("targets= is empty; give at least one, e.g. ('strict:fp16',)")
+    tols = {str(t): resolve_tol(tol, t, m, targets=[str(p) for p in parsed]) for t in parsed}
+    session = Session(model, args, kwargs, ref_target, parsed, module_filter(model, modules), local, offload)
+    with torch.no_grad():
+        session.prepare()
+        steps = progress([None, *session.runners], desc="report passes")
+        for name in steps:
+            if name is None:
+                rec = session.reference_pass()
+                floating_output_check(session.root_output, "report")
+                reference_tensors = rec.tensors
+            else:
+                session.propagated_pass(name, session.runners[name], reference_tensors)
+    errors, input_stats = session.read()
+    rows = tuple(rec.rows)
+    ref_name = "fp32" if ref_target.dtype == torch.float32 else str(ref_target).split(":")[-1]
+    root_rows = [r for r in rows if r.module == ROOT and r.call == 0 and r.is_floating]
+    reference_finite = all(r.nonfinite == 0 for r in root_rows)
+
+    outcomes = []
+    for target in parsed:
+        name = str(target)
+        final = [e for e in errors if e.target == name and e.kind == ErrorKind.PROPAGATED and e.module == ROOT and e.call == 0]
+        failure = session.failures.get(name)
+        if not reference_finite:
+            failure = f"the {ref_name} reference is not finite: its output holds NaN/Inf, so nothing can be judged against it"
+        output_error = worst_of(m, [e.metrics for e in final]) if final and all(e.metrics is not None for e in final) else None
+        ok = failure is None and all_pass(m, [e.metrics for e in final], tols[name])
+        runner = session.runners.get(name)
+        per_module = runner is not None and not runner.backend.compiles
+        outcomes.append(TargetOutcome(name, tols[name], output_error, ok, failure, per_module))
+
+    replay_failures, ignored = [], set()
+    for f in session.shadow_failures:
+        if f.target not in session.failures:  # the whole model ran under the target: the replay failed, not the module
+            log.warning("torchprobe could not replay %s alone under %s (the whole model runs under it): %s\n%s",
+                        f.call.key, f.target, f.message, f.traceback)
+            replay_failures.append(f"{f.call.key} under {f.target}: {f.message}")
+            ignored.add((f.target, f.call.key))
+    if reference_finite:
+        leaves = set(leaf_names(session.ref_runner.module))
+        culprits, latent = find_findings(rows, input_stats, errors, outcomes, m, {str(t): t for t in parsed}, leaves, ignored)
+    else:
+        culprits, latent = reference_origin(rows, input_stats, ref_name, session.ref_runner.module), []
+    return Report(
+        model=type(model).__name__,
+        reference=ref_name,
+        metric=m.name,
+        targets=tuple(str(t) for t in parsed),
+        rows=rows,
+        inputs=tuple(input_stats),
+        errors=tuple(errors),
+        outcomes=tuple(outcomes),
+        culprits=tuple(culprits),
+        latent=tuple(latent),
+        reference_finite=reference_finite,
+        replay_failures=tuple(replay_failures),
+    )
