@@ -87,8 +87,6 @@ FORMAT_VERSION = "1"
 PathLike = Union[str, "os.PathLike[str]"]
 
 _FULL_ERRNOS = frozenset(getattr(errno, n) for n in ("ENOSPC", "EFBIG", "EDQUOT") if hasattr(errno, n))
-#: metrics where a larger value is better; ``compare`` passes them when ``value >= tol``.
-_HIGHER_IS_BETTER = frozenset({"cosine", "sqnr"})
 #: dtypes that metrics.measure takes as they are; anything else is upcast to float64 first.
 _MEASURED_AS_IS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: safetensors dtype codes -> torch dtypes, to read shape and dtype without loading the data.
@@ -458,7 +456,7 @@ def load_dump(path: PathLike, *, require_torchprobe: bool = True) -> Dump:
     path = _as_path(path, "path")
     if not path.exists():
         raise DumpError(
-            f"dump file {path} does not exist; check the path, or write it with torchprobe.dumps()"
+            f"dump file {path} does not exist; check the path, or write it with tp.dump(model, inputs, path) or rec.save(path)"
         )
     if path.is_dir():
         raise DumpError(f"dump path {path} is a directory; give the .safetensors file inside it")
@@ -625,7 +623,8 @@ class DumpComparison:
     def verdict(self) -> str:
         """One line: how many tensors diverge and where the first divergence is."""
         n = len(self.rows)
-        rule = f"{self.metric} {'<' if self.metric in _HIGHER_IS_BETTER else '>'} {self.tol:g}"
+        m = get_metric(self.metric)
+        rule = f"{self.metric} {'<' if m.higher_is_better else '>'} {m.bound(self.tol):g}"
         missing = f"{len(self.missing)} of a's tensors missing from b" if self.missing else ""
         if n == 0:
             return (
@@ -641,7 +640,7 @@ class DumpComparison:
                 f"({self._why(first)})"
             )
             return f"{line}; {missing}" if missing else line
-        ok_rule = f"{self.metric} {'>=' if self.metric in _HIGHER_IS_BETTER else '<='} {self.tol:g}"
+        ok_rule = m.rule(self.tol)
         worst = max(self.rows, key=self._badness)
         worst_text = f"worst: {self._name(worst)} ({self.metric} {_num(worst.metrics[self.metric])})"
         if missing:
@@ -713,7 +712,7 @@ class DumpComparison:
         value = row.metrics[self.metric]
         if math.isnan(value):
             return math.inf
-        return -value if self.metric in _HIGHER_IS_BETTER else value
+        return get_metric(self.metric).badness(value)
 
     def _table(self, max_rows: int | None, context: int) -> str:
         keep = _rows_to_show(self.rows, max_rows, context, self._badness)
@@ -774,8 +773,8 @@ def compare(
                                  mapping={"head:logits": "output0"})
         print(cmp); cmp.first_divergence(); raise SystemExit(cmp.exit_code)
     """
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or math.isnan(tol):
-        raise InvalidArgument(f"tol must be a number such as 1e-2; got {tol!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol <= 0:
+        raise InvalidArgument(f"tol must be a number such as 1e-2 (positive, finite); got {tol!r}")
     get_metric(metric)  # InvalidArgument naming the valid metrics
     if metric not in ErrorMetrics.__dataclass_fields__:
         raise InvalidArgument(
@@ -893,11 +892,13 @@ def _compare_one(
     ref, test = _measurable(dump_a[key]), _measurable(dump_b[key_b])
     metrics = measure(ref, test)
     value = metrics[metric]
-    within = value >= tol if metric in _HIGHER_IS_BETTER else value <= tol
+    within = get_metric(metric).passes(value, tol)
     problem = None
     if metrics.nonfinite_mismatch:
         problem = f"{int(metrics.nonfinite_mismatch)} NaN/Inf positions differ"
-    return row(metrics, bool(within) and not metrics.nonfinite_mismatch, problem)
+    elif metrics.nonfinite_both:
+        problem = f"{int(metrics.nonfinite_both)} NaN/Inf in both (undefined error)"
+    return row(metrics, within and metrics.finite, problem)
 
 
 def _measurable(t: Tensor) -> Tensor:

@@ -58,8 +58,8 @@ def check_inputs(model: nn.Module, args: tuple, kwargs: dict, caller: str) -> No
 def floating_output_check(output: Any, caller: str) -> None:
     if not any(t.is_floating_point() for _, t in named_leaves(output)):
         kinds = sorted({str(t.dtype) for _, t in named_leaves(output)}) or [type(output).__name__]
-        raise TorchprobeError(f"{caller}(): the model returned no floating tensor (got {', '.join(kinds)}); "
-                              "torchprobe compares floating outputs: return the logits/activations to check")
+        raise TorchprobeError(f"{caller}(): the model returned no floating tensor; torchprobe compares floating "
+                              f"outputs (got {', '.join(kinds)}): return the logits or activations to check")
 
 
 def report(

@@ -21,16 +21,13 @@ import html
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import Callable, Iterable
 
 from ..atomic import write_text
 from ..formats import LOW_HEADROOM_BITS
 from ..metrics import get_metric, worst_value
 from ..names import CallKey
 from .text import num, trim
-
-if TYPE_CHECKING:
-    from ..results import Report
 
 MARKER_LIMIT = 150
 MAX_LINE_POINTS = 1200

@@ -1,13 +1,9 @@
 """The fix as code to paste: autocast regions, a cast model, or Torch-TensorRT settings."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 from ..targets import parse_target
 from ..targets.base import dtype_name
-
-if TYPE_CHECKING:
-    from ..search import Fix
 
 _TORCH_DTYPE = {"fp16": "torch.float16", "bf16": "torch.bfloat16", "fp32": "torch.float32"}
 

@@ -2,16 +2,13 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from tabulate import tabulate
 
 from ..kinds import ErrorKind, FixOutcome
 from ..metrics import get_metric
 from ..names import call_key_of
-
-if TYPE_CHECKING:
-    from ..capture import Recording
 
 MAX_ROWS = 60
 NAME_WIDTH = 44
