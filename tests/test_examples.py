@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ def test_detector_example_runs_the_whole_path(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
-    assert "strict:fp16      DIVERGES" in out
+    assert re.search(r"strict:fp16 +DIVERGES", out)
     assert "top culprit: encoder.layers.1.norm2 [strict:fp16] overflow" in out
     assert "VERIFIED" in out and "keep in FP32: encoder.layers.1.norm2" in out
     for line in out.splitlines():

@@ -773,8 +773,8 @@ def compare(
                                  mapping={"head:logits": "output0"})
         print(cmp); cmp.first_divergence(); raise SystemExit(cmp.exit_code)
     """
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol <= 0:
-        raise InvalidArgument(f"tol must be a number such as 1e-2 (positive, finite); got {tol!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or math.isnan(tol) or tol <= 0:
+        raise InvalidArgument(f"tol must be a number such as 1e-2 (positive; inf passes anything finite); got {tol!r}")
     get_metric(metric)  # InvalidArgument naming the valid metrics
     if metric not in ErrorMetrics.__dataclass_fields__:
         raise InvalidArgument(

@@ -218,8 +218,9 @@ def check_tol(tol: float, argument: str = "tol") -> float:
         value = float(tol)
     except (TypeError, ValueError):
         raise InvalidArgument(f"{argument}={tol!r} is not a number; give a positive float such as 1e-2") from None
-    if not math.isfinite(value) or value <= 0:
-        raise InvalidArgument(f"{argument}={tol!r}: a tolerance must be a positive finite number, such as 1e-2")
+    if math.isnan(value) or value <= 0:
+        raise InvalidArgument(f"{argument}={tol!r}: a tolerance must be a positive finite number, such as 1e-2 "
+                              "(inf accepts any finite error)")
     return value
 
 
