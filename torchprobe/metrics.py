@@ -84,7 +84,7 @@ def from_vector(v: list[float] | Tensor) -> ErrorMetrics:
         return ErrorMetrics(math.inf, math.inf, math.nan, -math.inf, mismatch, both)
     if both:
         return ErrorMetrics(math.nan, math.nan, math.nan, math.nan, 0.0, both)
-    rel = math.sqrt(d2) / max(math.sqrt(r2), 2.2e-308)
+    rel = 0.0 if d2 == 0.0 else (math.inf if r2 == 0.0 else math.sqrt(d2) / math.sqrt(r2))
     if r2 == 0.0 and t2 == 0.0:
         cos = 1.0
     else:

@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import InvalidArgument, UnsupportedTarget
 from ..names import ROOT, submodule
 from ..tree import cast_floating, map_tensors
-from .base import DTYPES, LOW_PRECISION, Backend, Target, check_dtype, dtype_name
+from .base import DTYPES, LOW_PRECISION, Backend, Target, check_dtype, dtype_name, model_device
 from .plan import PrecisionPlan
 
 _BACKENDS = {
@@ -51,15 +51,6 @@ def get_backend(name: str) -> Backend:
     module_name, class_name = _BACKENDS[name]
     module = importlib.import_module(f"{__name__}.{module_name}")
     return getattr(module, class_name)()
-
-
-def model_device(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> torch.device:
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    for t in (*args, *(kwargs or {}).values()):
-        if isinstance(t, torch.Tensor):
-            return t.device
-    return torch.device("cpu")
 
 
 @dataclass

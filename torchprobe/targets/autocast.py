@@ -6,7 +6,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .base import Backend
+from .base import Backend, model_device
 
 
 class AutocastBackend(Backend):
@@ -15,19 +15,10 @@ class AutocastBackend(Backend):
     dtypes = (torch.float16, torch.bfloat16)
 
     def wrap(self, module: nn.Module, dtype: torch.dtype, args: tuple, kwargs: dict[str, Any]) -> Callable[..., Any]:
-        device = _device_type(module, args, kwargs)
+        device = model_device(module, args, kwargs).type
 
         def run(*a: Any, **k: Any) -> Any:
             with torch.autocast(device, dtype=dtype):
                 return module(*a, **k)
 
         return run
-
-
-def _device_type(module: nn.Module, args: tuple, kwargs: dict) -> str:
-    for t in (*module.parameters(), *module.buffers()):
-        return t.device.type
-    for t in (*args, *kwargs.values()):
-        if isinstance(t, torch.Tensor):
-            return t.device.type
-    return "cpu"

@@ -64,6 +64,16 @@ class Backend(abc.ABC):
         in the dtype the callable will receive."""
 
 
+def model_device(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> torch.device:
+    """The device of the model's first parameter or buffer, else of the first input tensor, else CPU."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    for t in (*args, *(kwargs or {}).values()):
+        if isinstance(t, torch.Tensor):
+            return t.device
+    return torch.device("cpu")
+
+
 def check_dtype(backend: Backend, dtype: torch.dtype, spec: str) -> None:
     if dtype not in backend.dtypes:
         valid = ", ".join(dtype_name(d) for d in backend.dtypes)
