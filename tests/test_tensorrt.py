@@ -329,7 +329,7 @@ def test_snippet_keep_fp32_helper_runs_and_matches_the_plan() -> None:
         h.remove()
     assert out.dtype == torch.float16
     assert seen["encoder.layers.3.norm2"] == [torch.float16]  # FP32 inside, cast back at the boundary
-    planned = PrecisionPlan(torch.float16, frozenset(KEPT)).apply(model)
+    planned = PrecisionPlan(torch.float16, frozenset(KEPT)).apply(copy.deepcopy(model).half().float())  # the snippet rounds kept weights via FP16
     torch.testing.assert_close(out, planned(x.half()), rtol=0, atol=0)
     exported = torch.export.export(fixed, (x.half(),), strict=False)  # what compile_keep_fp32 exports
     norms = {_innermost_path(n): n.meta["val"].dtype for n in exported.graph.nodes
