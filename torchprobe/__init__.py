@@ -13,6 +13,7 @@ from .capture import Recording, Row, record
 from .dumps import Dump, DumpComparison, compare, dump, load_dump, save_dump
 from .errors import DumpError, InvalidArgument, TorchprobeError, UnsupportedTarget
 from .findings import Culprit, Report
+from .io.onnx import export_onnx, onnx_names
 from .localize import report
 from .metrics import ErrorMetrics, measure
 from .search import Fix, Isolation, bisect, isolate
@@ -29,6 +30,7 @@ __all__ = [
     "check_weights", "WeightReport",
     "Monitor", "MonitorHistory", "HeadroomWarning", "LowHeadroomWarning", "HeadroomTrendWarning",
     "dump", "compare", "load_dump", "save_dump", "Dump", "DumpComparison",
+    "export_onnx", "onnx_names",
     "measure", "ErrorMetrics",
     "PrecisionPlan", "Target", "parse_target", "targets",
     "TorchprobeError", "InvalidArgument", "UnsupportedTarget", "DumpError",
