@@ -8,7 +8,19 @@ with a reference's row keys through the ONNX file's module scopes (:mod:`torchpr
 
     cmp = tp.compare("fp32.safetensors", "engine.json", onnx="model.onnx")
     print(cmp)     # first divergence in module names; origin: introduced / inherited
-    # 1 of 31 tensors diverges (rel_l2 > 0.01); first divergence: encoder.stages.1.layers.0.dwconv ...
+
+prints (a tiny ConvNeXt whose deployed graph has one Conv weight scaled by 1.5, run by ONNX Runtime)::
+
+    8 of 35 tensors diverge (rel_l2 > 0.01); first divergence: encoder.stages.1.downsampling_layer.1 (b: conv2d_3) (rel_l2 0.5)
+    a: fp32.safetensors [fp32]   b: engine.json [onnxrt-runner-N0-12/01/26-22:06:52]
+    matched 35 of 39 module outputs of a by name through model.onnx
+
+      #  key                                                  shape          ...  rel_l2  ...  status    origin
+     16  encoder.stages.1.downsampling_layer.0 -> permute_7   (1, 8, 8, 8)   ...  1.52e-07 ... ok
+     17  encoder.stages.1.downsampling_layer.1 -> conv2d_3    (1, 16, 4, 4)  ...  0.5      ... DIVERGE   introduced
+     18  encoder.stages.1.layers.0.dwconv -> conv2d_4         (1, 16, 4, 4)  ...  0.5      ... DIVERGE   inherited
+
+    no engine tensor (4): encoder.stages.0.layers.0.drop_path, ...   (nn.Identity: no ONNX op)
 
 This module is the only one in torchprobe that imports ``polygraphy``.
 """
@@ -61,7 +73,7 @@ def load_engine_outputs(path: str | os.PathLike[str], runner: str | None = None)
 
         >>> out = load_engine_outputs("engine.json")
         >>> out.runner, len(out.tensors)
-        ('onnxrt-runner-N0-12/01/26-21:57:37', 31)
+        ('onnxrt-runner-N0-12/01/26-22:06:52', 54)
     """
     path = Path(os.fspath(path))
     if not path.is_file():
@@ -197,13 +209,13 @@ def link_engine(
             conflicts.append(name)
         else:
             mapping[key] = name
+    if not mapping:
+        raise InvalidArgument(f"no module outputs to compare in {_source(outputs)}: {_why_none(outputs, scopes, conflicts, reference)}")
     if conflicts:
         logger.warning(
             "%d tensors of %s differ in shape from the ONNX file's tensors of the same name (%s); "
             "was the engine built from %s?", len(conflicts), outputs.path, _few(conflicts), scopes.path,
         )
-    if not mapping:
-        raise InvalidArgument(f"no module outputs to compare in {_source(outputs)}: {_why_none(outputs, scopes, conflicts, reference)}")
     logger.info("matched %d of %d reference tensors to %s", len(mapping), len(reference), outputs.path)
     return EngineLink(outputs, scopes.path, MappingProxyType(mapping), MappingProxyType(unmatched), match)
 

@@ -15,7 +15,8 @@ Example (a real run; the innermost module names a tensor that several nested mod
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).eval()
     tp.export_onnx(model, torch.randn(2, 4), "model.onnx")
-    tp.onnx_names("model.onnx")    # {'linear': '0', 'relu': '1', 'linear_1': '2'}
+    tp.onnx_names("model.onnx")    # {'linear_1': '2', 'linear': '0', 'relu': '1'}
+    # 'linear_1' is the output of module '2' and of the root: the innermost names it
 
 This module is the only one in torchprobe that imports ``onnx``.
 """
@@ -161,7 +162,10 @@ class OnnxScopes:
             calls = by_module.get(module, [])
             call = None
             if not calls:
-                reason = "no ONNX node carries its scope (no ops of its own, or optimized away)"
+                reason = (
+                    "no ONNX node carries its scope: it runs no op of its own (dropout, identity) or the "
+                    "exporter folded it into a neighbour (constant folding, conv + batch norm)"
+                )
             elif self.exact:
                 call = next((c for c in calls if c.key == call_key), None)
                 reason = "this call has no ONNX nodes"
@@ -338,8 +342,8 @@ def onnx_names(path: str | os.PathLike[str], reference: Any = None) -> dict[str,
     that several nested modules return is named after the innermost; :func:`onnx_scopes` has all.
 
         >>> names = tp.onnx_names("model.onnx", reference=tp.load_dump("fp32.safetensors"))
-        >>> names["conv2d_3"]
-        'encoder.stages.1.layers.0.dwconv'
+        >>> names["conv2d_3"]            # a tiny ConvNeXt (transformers' ConvNextModel)
+        'encoder.stages.1.downsampling_layer.1'
     """
     scopes = onnx_scopes(path)
     if reference is None:
