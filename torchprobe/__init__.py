@@ -12,6 +12,7 @@ __version__ = "0.2.0"
 from .capture import Recording, Row, dump, record
 from .dumps import Dump, DumpComparison, compare, load_dump, save_dump
 from .errors import DumpError, InvalidArgument, NonFiniteReference, TorchprobeError, UnsupportedTarget
+from .io.onnx import export_onnx, onnx_names
 from .kinds import ErrorKind, Reason, Risk
 from .localize import report
 from .metrics import ErrorMetrics, Metric, get_metric, measure
@@ -30,6 +31,7 @@ __all__ = [
     "check_weights", "WeightReport",
     "Monitor", "MonitorHistory", "HeadroomWarning", "LowHeadroomWarning", "HeadroomTrendWarning",
     "dump", "compare", "load_dump", "save_dump", "Dump", "DumpComparison",
+    "export_onnx", "onnx_names",
     "measure", "ErrorMetrics", "Metric", "get_metric",
     "ErrorKind", "Reason", "Risk",
     "PrecisionPlan", "Target", "parse_target", "targets",

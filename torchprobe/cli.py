@@ -7,6 +7,7 @@ stderr, never a traceback; ``--debug`` re-raises instead, and ``-v``/``-vv`` log
 
     $ torchprobe report models.py:build --input 2x16 --target eager:fp16 --json r.json
     $ torchprobe compare fp32.safetensors engine.safetensors --tol 1e-2 --map names.json
+    $ torchprobe compare fp32.safetensors engine.json --onnx model.onnx --runner trt-runner-N0
     $ torchprobe weights model_final.pth --include 'head.*'
     $ torchprobe demo
 
@@ -344,6 +345,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     _check_writable(args.json)
     options: dict[str, Any] = {"metric": args.metric, "mapping": args.map}
+    if args.onnx is not None:
+        options.update(onnx=args.onnx, runner=args.runner)
+    elif args.runner is not None:
+        raise InvalidArgument("--runner picks a runner of a Polygraphy file; it needs --onnx MODEL.onnx")
     if args.tol is not None:
         options["tol"] = args.tol
     result = compare(args.a, args.b, **options)
@@ -529,11 +534,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Compare dump B (under test) with dump A (the reference), tensor by tensor,\n"
                                    "in A's call order; name the first divergence.")
     p.add_argument("a", metavar="A.safetensors", help="reference dump (e.g. written by torchprobe.dumps at fp32)")
-    p.add_argument("b", metavar="B.safetensors", help="dump under test (any safetensors file)")
+    p.add_argument("b", metavar="B", help="dump under test (any safetensors file; with --onnx also a Polygraphy .json or .npz)")
     p.add_argument("--tol", type=_tol_type, default=None, help="bound on --metric per tensor (default 1e-2)")
     p.add_argument("--metric", type=_metric_type, default="rel_l2", help="rel_l2 (default), max_abs, cosine, sqnr")
     p.add_argument("--map", metavar="MAP.json", default=None,
                    help='JSON object mapping keys of A to keys of B, e.g. {"head": "output0"}')
+    p.add_argument("--onnx", metavar="MODEL.onnx", default=None,
+                   help="B is an engine's outputs keyed by ONNX tensor name (Polygraphy --save-outputs .json, .npz "
+                        "or .safetensors); name them by module through this ONNX file's scopes (export with dynamo=True)")
+    p.add_argument("--runner", metavar="NAME", default=None,
+                   help="with --onnx: the Polygraphy runner to read (default: the first that is not the reference)")
     p.add_argument("--max-rows", type=_count_type, default=40, metavar="N",
                    help="rows shown in the table (default 40; 0 shows all)")
     p.add_argument("--json", metavar="PATH", help="also write the comparison as JSON")

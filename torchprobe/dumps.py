@@ -53,7 +53,7 @@ import logging
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence, Union
@@ -545,7 +545,8 @@ class TensorComparison:
 
     ``metrics`` is None when the tensors could not be compared (``problem`` says why: a shape or
     dtype-kind mismatch). ``problem`` also notes NaN/Inf positions that differ. ``key_b`` is b's
-    key when a mapping renamed it, else None.
+    key when a mapping renamed it, else None. ``origin`` (compare with ``onnx=``) says whether a
+    diverging module's error is ``introduced`` (its inputs in b match) or ``inherited``.
     """
 
     key: str
@@ -557,6 +558,7 @@ class TensorComparison:
     passed: bool
     problem: str | None
     key_b: str | None = None
+    origin: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -571,6 +573,7 @@ class TensorComparison:
             else {name: _json_float(self.metrics[name]) for name in ErrorMetrics.__dataclass_fields__},
             "passed": self.passed,
             "problem": self.problem,
+            "origin": self.origin,
         }
 
 
@@ -592,6 +595,9 @@ class DumpComparison:
     target_a: str | None = None
     target_b: str | None = None
     mapping: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    #: with ``onnx=``: the ONNX file, and a's keys that have no tensor in b (not a failure)
+    onnx: str | None = None
+    unmatched: tuple[str, ...] = ()
 
     def first_divergence(self) -> TensorComparison | None:
         """The first row in call order that is not within tolerance, or None."""
@@ -657,6 +663,11 @@ class DumpComparison:
             self.verdict(),
             f"a: {self.a}{_bracket(self.target_a)}   b: {self.b}{_bracket(self.target_b)}",
         ]
+        if self.onnx is not None:
+            lines.append(
+                f"matched {len(self.rows)} of {len(self.rows) + len(self.unmatched)} module outputs of a "
+                f"by name through {self.onnx}"
+            )
         if self.rows:
             lines += ["", self._table(max_rows, context)]
         if self.missing:
@@ -664,6 +675,8 @@ class DumpComparison:
             lines += ["", f"missing from b ({len(self.missing)}): {_few(shown, 20)}"]
         if self.extra:
             lines += ["", f"in b only ({len(self.extra)}): {_few(self.extra, 20)}"]
+        if self.unmatched:
+            lines += ["", f"no engine tensor ({len(self.unmatched)}): {_few(self.unmatched, 20)}"]
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -693,6 +706,8 @@ class DumpComparison:
             "missing": list(self.missing),
             "extra": list(self.extra),
             "mapping": dict(self.mapping),
+            "onnx": self.onnx,
+            "unmatched": list(self.unmatched),
         }
 
     # rendering helpers -----------------------------------------------------------------------
@@ -716,17 +731,21 @@ class DumpComparison:
 
     def _table(self, max_rows: int | None, context: int) -> str:
         keep = _rows_to_show(self.rows, max_rows, context, self._badness)
+        origin = any(row.origin for row in self.rows)
+        blank = [""] * (8 if origin else 7)
         body: list[list[Any]] = []
         previous = -1
         for i in keep:
             if i > previous + 1:
-                body.append(["", f"... {i - previous - 1} more", "", "", "", "", "", "", ""])
-            body.append(self._cells(i, self.rows[i]))
+                body.append(["", f"... {i - previous - 1} more", *blank])
+            body.append(self._cells(i, self.rows[i]) + ([self.rows[i].origin or ""] if origin else []))
             previous = i
         if previous < len(self.rows) - 1:
-            body.append(["", f"... {len(self.rows) - 1 - previous} more", "", "", "", "", "", "", ""])
+            body.append(["", f"... {len(self.rows) - 1 - previous} more", *blank])
         headers = ["#", "key", "shape", "dtype", "max_abs", "rel_l2", "cosine", "sqnr dB", "status"]
         align = ("right", "left", "left", "left", "right", "right", "right", "right", "left")
+        if origin:
+            headers, align = [*headers, "origin"], (*align, "left")
         return tabulate(body, headers=headers, disable_numparse=True, colalign=align)
 
     def _cells(self, index: int, row: TensorComparison) -> list[Any]:
@@ -753,6 +772,8 @@ def compare(
     tol: float = 1e-2,
     metric: str = "rel_l2",
     mapping: Mapping[str, str] | PathLike | None = None,
+    onnx: PathLike | None = None,
+    runner: str | None = None,
 ) -> DumpComparison:
     """Compare dump ``b`` (under test) with dump ``a`` (the reference), key by key.
 
@@ -760,6 +781,13 @@ def compare(
     may come from another tool or machine); keys are taken in a's call order, or natural name
     order when a records none. ``mapping`` (a dict, or a path to a JSON object) maps keys of a to
     keys of b; keys it leaves out are matched by identical name.
+
+    With ``onnx`` (the ONNX file the engine was built from, exported with ``dynamo=True``), ``b``
+    is an engine's outputs keyed by ONNX tensor name: a Polygraphy ``--save-outputs`` JSON
+    (``runner`` picks one; default the first that is not the reference), an .npz or a
+    safetensors file. Its tensors are named by module through the ONNX scopes
+    (:mod:`torchprobe.io.engine_outputs`); a's keys without an engine tensor are listed as
+    ``unmatched`` (not a failure), and each diverging row gets an ``origin``.
 
     For each common key, both tensors are upcast to float64 and measured with every metric of
     :mod:`torchprobe.metrics`; a row passes when ``metric`` is within ``tol`` (``<= tol``, or
@@ -782,13 +810,27 @@ def compare(
             f"{', '.join(ErrorMetrics.__dataclass_fields__)}"
         )
     dump_a = _as_dump(a, "a")
-    dump_b = _as_dump(b, "b")
-    renames = _load_mapping(mapping, dump_a)
+    link = None
+    if onnx is not None:  # b holds an engine's tensors keyed by ONNX name (torchprobe.io)
+        from .io.engine_outputs import link_engine
+
+        link = link_engine(b, onnx, {k: dump_a.info(k) for k in dump_a.order}, runner=runner)
+        engine = link.engine
+        dump_b = Dump(MappingProxyType(dict(engine.tensors)), tuple(engine.tensors),
+                      MappingProxyType({"target": engine.runner} if engine.runner else {}), engine.path)
+        renames = {**link.mapping, **_load_mapping(mapping, dump_a)}
+    elif runner is not None:
+        raise InvalidArgument(f"runner={runner!r} picks a Polygraphy runner; it needs onnx=")
+    else:
+        dump_b = _as_dump(b, "b")
+        renames = _load_mapping(mapping, dump_a)
 
     rows: list[TensorComparison] = []
     missing: list[str] = []
     matched: set[str] = set()
     for key in dump_a.order:
+        if link is not None and key not in renames:
+            continue  # no engine tensor is this module's output: unmatched, not missing
         key_b = renames.get(key, key)
         if key_b not in dump_b:
             missing.append(key)
@@ -796,6 +838,12 @@ def compare(
         matched.add(key_b)
         rows.append(_compare_one(dump_a, dump_b, key, key_b, metric, float(tol)))
     extra = tuple(k for k in dump_b.order if k not in matched)
+    onnx_fields: dict[str, Any] = {}
+    if link is not None:
+        origins = link.origins({row.key: row.passed for row in rows})
+        rows = [replace(row, origin=None if origins.get(row.key) is None else str(origins[row.key])) for row in rows]
+        extra = ()  # b's other tensors are values inside modules, not module outputs
+        onnx_fields = {"onnx": str(link.onnx), "unmatched": tuple(k for k in dump_a.order if k not in renames)}
     result = DumpComparison(
         rows=tuple(rows),
         missing=tuple(missing),
@@ -807,6 +855,7 @@ def compare(
         target_a=dump_a.target,
         target_b=dump_b.target,
         mapping=MappingProxyType({k: v for k, v in renames.items() if k != v}),
+        **onnx_fields,
     )
     logger.debug("%r", result)
     return result
