@@ -17,7 +17,7 @@ import torch
 
 from torchprobe import atomic
 from torchprobe.atomic import STALE_AFTER_S, TEMP_MARK, atomic_path, remove_stale, temp_name, write_text, write_with
-from torchprobe.dumps import load_dump, save_dump
+from torchprobe.io.dumps import load_dump, save_dump
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
@@ -54,7 +54,7 @@ print("DONE", flush=True)
 # tp.dump's own path: save_dump with a tensor whose device-to-host copy blocks on stdin.
 DUMPER = r"""
 import sys, torch
-from torchprobe.dumps import save_dump
+from torchprobe.io.dumps import save_dump
 
 class SlowCopy(torch.Tensor):
     @classmethod

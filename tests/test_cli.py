@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from torchprobe import cli, progress
-from torchprobe.dumps import save_dump
+from torchprobe.io.dumps import save_dump
 from torchprobe.errors import InvalidArgument
 
 REPO = Path(__file__).resolve().parents[1]
@@ -387,8 +387,8 @@ def test_debug_reraises_with_the_cause(factory: Path) -> None:
 
 
 def test_unexpected_error_is_one_line_with_debug_hint(monkeypatch: pytest.MonkeyPatch, dumps: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
-    # The module, not the function torchprobe.dumps that the package exports under the same name.
-    dump_module = importlib.import_module("torchprobe.dumps")
+    # The module, not the function torchprobe.compare that the package exports under the same name.
+    dump_module = importlib.import_module("torchprobe.compare")
 
     def explode(*args, **kwargs):
         raise ZeroDivisionError("boom\nsecond line")
@@ -421,7 +421,7 @@ def test_verbose_logging_is_restored_afterwards(dumps: dict[str, Path], capsys: 
     before = (logger.level, list(logger.handlers))
     assert cli.main(["compare", str(dumps["a"]), str(dumps["same"]), "-vv"]) == 0
     assert (logger.level, list(logger.handlers)) == before
-    assert "torchprobe.dumps: DEBUG" in capsys.readouterr().err
+    assert "torchprobe.compare: DEBUG" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------- progress

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import torchprobe as tp
-from torchprobe.dumps import Dump
+from torchprobe.io.dumps import Dump
 from torchprobe.kinds import Reason
 
 from golden_files import check_golden

@@ -1,4 +1,4 @@
-"""Tests for torchprobe.dumps: save/load of safetensors dumps and offline comparison."""
+"""Tests for torchprobe.io.dumps (save/load of safetensors dumps) and torchprobe.compare."""
 from __future__ import annotations
 
 import json
@@ -11,16 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from torchprobe.dumps import (
-    FORMAT,
-    FORMAT_VERSION,
-    Dump,
-    DumpComparison,
-    TensorComparison,
-    compare,
-    load_dump,
-    save_dump,
-)
+from torchprobe.compare import DumpComparison, TensorComparison, compare
+from torchprobe.io.dumps import FORMAT, FORMAT_VERSION, Dump, load_dump, save_dump
 from torchprobe.errors import DumpError, InvalidArgument
 
 
@@ -291,7 +283,7 @@ def test_broken_torchprobe_metadata(tmp_path, caplog, change, message):
     save_file(dict(source.items()), path, metadata={**source.metadata, **change})
     with pytest.raises(DumpError, match=rf"torchprobe dump {path} {message}"):
         load_dump(path)
-    with caplog.at_level("WARNING", logger="torchprobe.dumps"):
+    with caplog.at_level("WARNING", logger="torchprobe.io.dumps"):
         dump = load_dump(path, require_torchprobe=False)
     assert dump.order == ("layers.0", "layers.1", "layers.2") and message.split(" ")[0] in caplog.text
 

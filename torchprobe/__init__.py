@@ -10,7 +10,8 @@ from __future__ import annotations
 __version__ = "0.2.0"
 
 from .capture import Recording, Row, dump, record
-from .dumps import Dump, DumpComparison, compare, load_dump, save_dump
+from .compare import DumpComparison, compare
+from .io.dumps import Dump, load_dump, save_dump
 from .errors import DumpError, InvalidArgument, NonFiniteReference, TorchprobeError, UnsupportedTarget
 from .io.onnx import export_onnx, onnx_names
 from .kinds import ErrorKind, Reason, Risk

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from . import stats as _stats
-from .dumps import save_dump
+from .io.dumps import save_dump
 from .errors import InvalidArgument
 from .formats import HEAVY_UNDERFLOW, LOW_HEADROOM_BITS
 from .kinds import Risk as RiskKind

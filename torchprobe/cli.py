@@ -174,7 +174,7 @@ def build_inputs(specs: Sequence[InputSpec], *, seed: int, kwargs_from_safetenso
 
 def _load_input_file(path: Path, as_kwargs: bool) -> list | dict:
     if path.suffix.lower() == ".safetensors":
-        from .dumps import load_dump  # torchprobe.dumps is the one module that reads safetensors
+        from .io.dumps import load_dump  # the one module that reads safetensors
 
         dump = load_dump(path, require_torchprobe=False)
         if len(dump) == 0:
@@ -341,7 +341,7 @@ def _summary(rep: Any) -> str:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .dumps import compare
+    from .compare import compare
 
     _check_writable(args.json)
     options: dict[str, Any] = {"metric": args.metric, "mapping": args.map}
@@ -533,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="compare two activation dumps key by key",
                        description="Compare dump B (under test) with dump A (the reference), tensor by tensor,\n"
                                    "in A's call order; name the first divergence.")
-    p.add_argument("a", metavar="A.safetensors", help="reference dump (e.g. written by torchprobe.dumps at fp32)")
+    p.add_argument("a", metavar="A.safetensors", help="reference dump (e.g. written by tp.dump or rec.save at fp32)")
     p.add_argument("b", metavar="B", help="dump under test (any safetensors file; with --onnx also a Polygraphy .json or .npz)")
     p.add_argument("--tol", type=_tol_type, default=None, help="bound on --metric per tensor (default 1e-2)")
     p.add_argument("--metric", type=_metric_type, default="rel_l2", help="rel_l2 (default), max_abs, cosine, sqnr")

@@ -86,7 +86,7 @@ def load_engine_outputs(path: str | os.PathLike[str], runner: str | None = None)
     if suffix == ".npz":
         return EngineOutputs(path, MappingProxyType(_load_npz(path)))
     if suffix == ".safetensors":
-        from ..dumps import load_dump  # the one module that reads safetensors
+        from .dumps import load_dump  # the one module that reads safetensors
 
         dump = load_dump(path, require_torchprobe=False)
         return EngineOutputs(path, MappingProxyType({key: dump[key] for key in dump.order}))
