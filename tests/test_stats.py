@@ -1,22 +1,36 @@
+import doctest
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from torchprobe.stats import Summarizer, read, summarize_now
+from torchprobe import formats
+from torchprobe.errors import InvalidArgument
+from torchprobe.formats import headroom_bits
+from torchprobe.stats import _SLAB_WIDTH, Summarizer, _decode_slab_rows, _from_vector, read, summarize_now
+
+FLOAT_FIELDS = ("min", "max", "absmax", "mean", "rms", "headroom_bits")
+COUNT_FIELDS = ("nan", "inf", "beyond_fp16", "subnormal_fp16", "flush_fp16")
 
 
 def reference_stats(x: torch.Tensor) -> dict:
-    """Independent float64 computation with numpy."""
+    """Independent float64 computation with NumPy: float statistics over the finite values only,
+    NaN (undefined) when there is none."""
     v = x.detach().to(torch.float64).numpy().ravel()
     finite = np.isfinite(v)
-    f = np.where(finite, v, 0.0)
+    f = v[finite]
     a = np.abs(v)
     nz = (a > 0) & ~np.isnan(v)
-    n_finite = finite.sum()
+    if f.size:
+        absmax = float(np.abs(f).max())
+        floats = dict(min=float(f.min()), max=float(f.max()), absmax=absmax, mean=float(f.mean()),
+                      rms=math.sqrt(float((f * f).mean())),
+                      headroom_bits=math.inf if absmax == 0 else math.log2(65504 / absmax))
+    else:
+        floats = dict.fromkeys(FLOAT_FIELDS, math.nan)
     return dict(
-        min=f.min(), max=f.max(), absmax=np.abs(f).max(), mean=f.sum() / n_finite, rms=math.sqrt((f * f).sum() / n_finite),
+        **floats,
         nan=int(np.isnan(v).sum()), inf=int(np.isinf(v).sum()), beyond_fp16=int((finite & (a > 65504)).sum()),
         subnormal_fp16=int((nz & (a < 2**-14)).sum()), flush_fp16=int((nz & (a < 2**-24)).sum()),
         subnormal_bf16=int((nz & (a < 2**-126)).sum()), flush_bf16=int((nz & (a < 2**-133)).sum()),
@@ -33,29 +47,137 @@ def special_tensor(dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def case(name: str, dtype: torch.dtype) -> torch.Tensor:
+    nan, inf = math.nan, math.inf
+    g = torch.Generator().manual_seed(2)
+    values = {
+        "special": lambda: special_tensor(torch.float64),
+        "all-nan": lambda: torch.full((37,), nan, dtype=torch.float64),
+        "all-inf": lambda: torch.tensor([inf, -inf, inf] * 7, dtype=torch.float64),
+        "nan-and-inf": lambda: torch.tensor([nan, inf, -inf, nan], dtype=torch.float64),
+        # finite values all of one sign, no zero, beside NaN/Inf: min/max must not become 0
+        "positive-with-nan": lambda: torch.cat([torch.rand(50, generator=g, dtype=torch.float64) + 0.5,
+                                               torch.tensor([nan, inf], dtype=torch.float64)]),
+        "negative-with-inf": lambda: torch.cat([-torch.rand(50, generator=g, dtype=torch.float64) - 3.0,
+                                               torch.tensor([-inf, nan], dtype=torch.float64)]),
+        "one-finite": lambda: torch.tensor([nan, -2.5, inf], dtype=torch.float64),
+        "zeros-and-nan": lambda: torch.tensor([0.0, -0.0, nan], dtype=torch.float64),
+        # large enough for the host path's torch sums (above its NumPy float64 cut-off)
+        "large-with-nan": lambda: torch.cat([torch.rand(20000, generator=g, dtype=torch.float64) + 1.0,
+                                            torch.full((5,), nan, dtype=torch.float64)]),
+    }[name]()
+    return values.to(dtype)
+
+
+CASES = ["special", "all-nan", "all-inf", "nan-and-inf", "positive-with-nan", "negative-with-inf", "one-finite",
+         "zeros-and-nan", "large-with-nan"]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def assert_matches(s, x: torch.Tensor) -> None:
+    ref = reference_stats(x)
+    assert s.numel == x.numel() and s.dtype == str(x.dtype).replace("torch.", "") and s.is_floating
+    for field in FLOAT_FIELDS:
+        got, want = getattr(s, field), ref[field]
+        if math.isnan(want):
+            assert math.isnan(got), (field, got)
+        else:
+            assert got == pytest.approx(want, rel=1e-5), field
+    for field in COUNT_FIELDS:
+        assert getattr(s, field) == ref[field], field
+    if x.dtype in (torch.float32, torch.float64):
+        assert (s.subnormal_bf16, s.flush_bf16) == (ref["subnormal_bf16"], ref["flush_bf16"])
+    else:
+        assert s.subnormal_bf16 is None and s.flush_bf16 is None
+
+
+# -- the slab rows of the Triton kernel, built by hand from the layout documented in stats.py --------
+
+_EDGE_BITS = np.array([0x00000001, 0x00010000, 0x00800000, 0x33800000, 0x38800000, 0x477FE001, 0x7F800000, 0x7F800001],
+                      dtype=np.int64)
+
+
+def _key(v: np.float32) -> int:
+    """Order-preserving int of an fp32 value: the bits, with the magnitude bits flipped if negative."""
+    b = int(np.array(v, dtype=np.float32).view(np.int32))
+    return b ^ ((b >> 31) & 0x7FFFFFFF)
+
+
+def slab_row(x: torch.Tensor) -> np.ndarray:
+    """One int64[16] row as the kernel leaves it for ``x`` (fp16/bf16/fp32; they widen to fp32 exactly)."""
+    v = x.float().numpy().ravel()
+    m = v.view(np.int32).astype(np.int64) & 0x7FFFFFFF
+    f = v[np.isfinite(v)]
+    row = np.zeros(_SLAB_WIDTH, dtype=np.int64)
+    row[0] = _key(f.min() if f.size else np.float32(np.inf))
+    row[1] = _key(f.max() if f.size else np.float32(-np.inf))
+    f64 = f.astype(np.float64)
+    row[2:4] = np.array([f64.sum(), (f64 * f64).sum()], dtype=np.float64).view(np.int64)
+    row[4:12] = [(m >= e).sum() for e in _EDGE_BITS]
+    return row
+
+
+def test_order_preserving_keys_of_the_layout():
+    values = np.array([-np.inf, -65504.0, -1.5, -2.0**-149, -0.0, 0.0, 2.0**-149, 1.5, 3.4e38, np.inf], dtype=np.float32)
+    keys = [_key(v) for v in values]
+    assert keys == sorted(keys) and len(set(keys[4:6])) == 2  # -0.0 just below +0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_slab_rows_decode_to_the_float64_reference(dtype):
+    xs = [case(name, dtype) for name in CASES]
+    rows = torch.from_numpy(np.stack([slab_row(x) for x in xs]))
+    vectors = _decode_slab_rows(rows, [x.numel() for x in xs])
+    for name, x, v in zip(CASES, xs, vectors):
+        s = _from_vector(x.dtype, tuple(x.shape), v)
+        try:
+            assert_matches(s, x)
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from e
+
+
+def test_a_row_with_no_finite_value_is_undefined_whatever_its_keys():
+    x = torch.full((8,), math.nan)
+    row = slab_row(x)
+    row[0] = row[1] = _key(np.float32(0.0))  # a kernel that counted non-finite values as 0
+    [v] = _decode_slab_rows(torch.from_numpy(row[None]), [8])
+    s = _from_vector(x.dtype, (8,), v)
+    assert all(math.isnan(getattr(s, f)) for f in FLOAT_FIELDS) and s.nan == 8
+
+
+# -- the eager paths ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fused", [None, False], ids=["host", "branch-free"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_path_matches_the_float64_reference(fused, dtype):
+    summarize = Summarizer(fused)
+    for name in CASES:
+        x = case(name, dtype)
+        s = read([(x.dtype, tuple(x.shape), summarize(x))])[0]
+        try:
+            assert_matches(s, x)
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from e
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_every_field_matches_float64_reference(dtype):
     x = special_tensor(dtype).reshape(64, 64)
     s = summarize_now(x)
-    ref = reference_stats(x)
-    assert s.shape == (64, 64) and s.numel == 4096 and s.dtype == str(dtype).replace("torch.", "")
-    for field in ("min", "max", "absmax", "mean", "rms"):
-        assert getattr(s, field) == pytest.approx(ref[field], rel=1e-5), field
-    for field in ("nan", "inf", "beyond_fp16", "subnormal_fp16", "flush_fp16"):
-        assert getattr(s, field) == ref[field], field
+    assert s.shape == (64, 64)
+    assert_matches(s, x)
     if dtype in (torch.float32, torch.float64):
-        assert s.subnormal_bf16 == ref["subnormal_bf16"] and s.flush_bf16 == ref["flush_bf16"]
         assert s.beyond_fp16 > 0 and s.flush_fp16 > 0
-    else:
-        assert s.subnormal_bf16 is None and s.flush_bf16 is None
-    assert s.headroom_bits == pytest.approx(math.log2(65504 / ref["absmax"]))
 
 
 def test_integer_and_empty_tensors_get_no_float_stats():
     s = summarize_now(torch.arange(10))
     assert s.numel == 10 and s.absmax is None and not s.is_floating
-    e = summarize_now(torch.empty(0, 3))
-    assert e.numel == 0 and e.absmax is None
+    for dtype in DTYPES:
+        e = summarize_now(torch.empty(0, 3, dtype=dtype))
+        assert e.numel == 0 and e.shape == (0, 3) and not e.is_floating
+        assert all(getattr(e, f) is None for f in (*FLOAT_FIELDS, *COUNT_FIELDS))
 
 
 def test_summaries_stay_on_device_until_read():
@@ -67,6 +189,18 @@ def test_summaries_stay_on_device_until_read():
     assert [s.absmax for s in stats] == pytest.approx([float(x.abs().max()) for x in xs])
 
 
-def test_all_nonfinite_tensor():
+def test_all_nonfinite_tensor_has_undefined_statistics_not_zero_absmax_and_infinite_headroom():
     s = summarize_now(torch.tensor([math.nan, math.inf]))
-    assert s.nan == 1 and s.inf == 1 and math.isnan(s.mean)
+    assert s.nan == 1 and s.inf == 1 and s.is_floating
+    assert all(math.isnan(getattr(s, f)) for f in FLOAT_FIELDS)
+    zeros = summarize_now(torch.zeros(4))  # an all-zero tensor is defined: absmax 0, headroom inf
+    assert zeros.absmax == 0 and zeros.headroom_bits == math.inf
+
+
+def test_headroom_bits():
+    assert headroom_bits(65504.0) == 0 and headroom_bits(256.0) == pytest.approx(math.log2(65504 / 256))
+    assert headroom_bits(1e6) < 0 and headroom_bits(math.inf) == -math.inf and headroom_bits(0.0) == math.inf
+    assert math.isnan(headroom_bits(math.nan))
+    with pytest.raises(InvalidArgument, match="absolute value >= 0"):
+        headroom_bits(-1.0)
+    assert doctest.testmod(formats).failed == 0

@@ -16,13 +16,15 @@ Three ways to get the vector, chosen per tensor:
 
 Definitions (``a = |x|``):
 
-- ``min``, ``max``, ``absmax``, ``mean``, ``rms`` are over finite values (non-finite ones count as 0).
+- ``min``, ``max``, ``absmax``, ``mean``, ``rms`` are over the finite values; a tensor with none
+  (all NaN/Inf) has them undefined: NaN, and so is ``headroom_bits``.
 - ``beyond_fp16``: finite values with ``a > 65504`` (they become Inf in FP16).
 - ``subnormal_fp16``: non-zero values with ``a < 2**-14`` (FP16 subnormal or flushed);
   ``flush_fp16``: non-zero values with ``a < 2**-24``, below the smallest FP16 subnormal.
 - ``subnormal_bf16`` / ``flush_bf16``: the same with ``2**-126`` / ``2**-133``; only for tensors
   wider than BF16 (FP32/FP64), None otherwise.
-- ``headroom_bits``: ``log2(65504 / absmax)``; below 0 the tensor does not fit FP16.
+- ``headroom_bits``: ``log2(65504 / absmax)``; below 0 the tensor does not fit FP16; ``inf`` for
+  an all-zero tensor.
 """
 from __future__ import annotations
 
@@ -72,10 +74,14 @@ def _sumsq(x: Tensor) -> Tensor:
 def _summary(x: Tensor, edges: Tensor) -> Tensor:
     """[min, max, sum, sumsq, bucket counts...] of a 1-D floating tensor, float64, on device.
 
-    Branch-free and sync-free: the reference formula, and the path where no kernel is fused."""
+    min/max are over the finite values (+inf/-inf when there is none); sum and sumsq count
+    non-finite values as 0. Branch-free and sync-free: the reference formula, and the path where
+    no kernel is fused."""
     wide = x if x.dtype == torch.float64 else x.float()
-    finite = torch.nan_to_num(wide, nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = torch.aminmax(finite)
+    is_finite = torch.isfinite(wide)
+    finite = torch.where(is_finite, wide, 0.0)
+    lo = torch.where(is_finite, wide, math.inf).amin()
+    hi = torch.where(is_finite, wide, -math.inf).amax()
     total = finite.sum()
     sumsq = _sumsq(finite)
     magnitude = wide.abs().nan_to_num_(nan=-1.0, posinf=math.inf)
@@ -104,18 +110,20 @@ def _summary_host(x: Tensor) -> Tensor:
     nan = inf = 0
     finite = wide
     if not (math.isfinite(lo) and math.isfinite(hi)):
+        is_finite = np.isfinite(a)
         nan = int(np.count_nonzero(np.isnan(a)))
-        inf = int(np.count_nonzero(np.isinf(a)))
+        inf = n - nan - int(np.count_nonzero(is_finite))
+        lo = float(np.min(a, where=is_finite, initial=math.inf))  # over the finite values only
+        hi = float(np.max(a, where=is_finite, initial=-math.inf))
         finite = torch.nan_to_num(wide, nan=0.0, posinf=0.0, neginf=0.0)
         a = finite.numpy()
-        lo, hi = float(a.min()), float(a.max())
     if n <= _HOST_SMALL:
         a64 = a.astype(np.float64)
         total, sumsq = float(a64.sum()), float(np.dot(a64, a64))
     else:
         total, sumsq = float(finite.sum()), float(_sumsq(finite))
     magnitude = np.abs(a)
-    beyond = int(np.count_nonzero(magnitude > FP16_MAX)) if max(-lo, hi) > FP16_MAX else 0
+    beyond = int(np.count_nonzero(magnitude > FP16_MAX)) if max(-lo, hi, 0.0) > FP16_MAX else 0
     below_normal = magnitude < FP16_MIN_NORMAL  # zeros (true ones and non-finite set to 0) and tiny values
     counts = [0] * _N_BUCKETS
     counts[0], counts[7], counts[8] = nan, beyond, inf
@@ -135,9 +143,12 @@ def _summary_host(x: Tensor) -> Tensor:
 
 
 # -- one-kernel path (CUDA, Triton) ------------------------------------------------------------
-# Slab row (int64[16]): 0 min key, 1 max key (order-preserving ints of the fp32 values), 2 sum,
-# 3 sum of squares (float64 bits), 4..11 counts of |x| at or above the fp32 bit patterns of
-# 2**-149 (non-zero), 2**-133, 2**-126, 2**-24, 2**-14, just above 65504, Inf, NaN; 12..15 unused.
+# Slab row (int64[16]): 0 min key, 1 max key (order-preserving ints of the fp32 min and max of
+# the finite values; the keys of +inf and -inf when there is none), 2 sum, 3 sum of squares
+# (float64 bits, non-finite values counted as 0), 4..11 counts of |x| at or above the fp32 bit
+# patterns of 2**-149 (non-zero), 2**-133, 2**-126, 2**-24, 2**-14, just above 65504, Inf, NaN;
+# 12..15 unused. _decode_slab_rows reads this layout; a row whose counts say "no finite value"
+# decodes to undefined (NaN) min/max whatever its keys hold.
 _SLAB_WIDTH = 16
 _SLAB_ROWS = 1024
 _KEY_INIT = 1 << 40
@@ -290,7 +301,9 @@ def _from_vector(dtype: torch.dtype, shape: tuple[int, ...], v: Sequence[float])
     lo, hi, total, sumsq = v[:4]
     b = [int(c) for c in v[4:]]
     finite = b[1] + b[2] + b[3] + b[4] + b[5] + b[6] + b[7]
-    absmax = max(abs(lo), abs(hi))
+    if not finite:  # all NaN/Inf: no finite value to take a min, max, mean or rms of
+        lo = hi = total = sumsq = math.nan
+    absmax = max(abs(lo), abs(hi)) if finite else math.nan
     wide = dtype in (torch.float32, torch.float64)
     return TensorStats(
         dtype=str(dtype).replace("torch.", ""),
