@@ -1,7 +1,6 @@
 """Verdicts that never lie: every wrong answer found on real models, as a test that stays fixed."""
 import itertools
 import math
-import sys
 import textwrap
 
 import pytest

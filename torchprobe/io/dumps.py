@@ -23,7 +23,6 @@ import difflib
 import errno
 import json
 import logging
-import math
 import os
 import re
 from dataclasses import dataclass, field

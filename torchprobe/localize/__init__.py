@@ -23,7 +23,7 @@ from ..metrics import all_pass, get_metric, resolve_tol, worst_of
 from ..names import ROOT, Patterns, leaf_names, name_filter
 from ..progress import progress
 from ..results import Report, TargetOutcome
-from ..targets import Target, parse_target
+from ..targets import parse_target
 from ..tree import as_call, named_leaves
 from .culprits import find_findings, reference_origin
 from .passes import Session
