@@ -75,6 +75,8 @@ def load_engine_outputs(path: str | os.PathLike[str], runner: str | None = None)
         >>> out.runner, len(out.tensors)
         ('onnxrt-runner-N0-12/01/26-22:06:52', 54)
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidArgument(f"b must be a path to the engine's outputs ({_FORMATS}); got {type(path).__name__}")
     path = Path(os.fspath(path))
     if not path.is_file():
         raise InvalidArgument(f"b={str(path)!r}: no such file; give the engine's outputs ({_FORMATS})")
