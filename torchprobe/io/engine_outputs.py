@@ -67,7 +67,8 @@ class EngineOutputs:
 def load_engine_outputs(path: str | os.PathLike[str], runner: str | None = None) -> EngineOutputs:
     """Read an engine's tensors from a Polygraphy RunResults JSON, an .npz or a safetensors file.
 
-    For a Polygraphy file, ``runner`` picks one runner by name; by default the first runner that
+    For a Polygraphy file, ``runner`` picks one runner by name (or a unique prefix of its name,
+    such as ``trt-runner``); by default the first runner that
     is not the reference (Polygraphy compares each runner with the one before it, so the first is
     the reference): the second of several, or the only one. The first iteration is read.
 
@@ -120,7 +121,12 @@ def _load_polygraphy(path: Path, runner: str | None) -> EngineOutputs:
     if runner is None:
         runner = runners[1] if len(runners) > 1 else runners[0]
     elif runner not in runners:
-        raise InvalidArgument(f"runner={runner!r} is not in {path}; valid runners: {', '.join(map(repr, runners))}")
+        # Polygraphy names runners "<kind>-runner-N<i>-<date>-<time>": a unique prefix is enough.
+        starting = [name for name in runners if name.startswith(runner)]
+        if len(starting) != 1:
+            why = "is not in" if not starting else f"starts {len(starting)} runner names in"
+            raise InvalidArgument(f"runner={runner!r} {why} {path}; valid runners: {', '.join(map(repr, runners))}")
+        runner = starting[0]
     iterations = results[runner]
     if not iterations:
         raise InvalidArgument(f"runner {runner!r} in {path} has no iterations")
