@@ -225,6 +225,8 @@ def link_engine(
             "was the engine built from %s?", len(conflicts), outputs.path, _few(conflicts), scopes.path,
         )
     logger.info("matched %d of %d reference tensors to %s", len(mapping), len(reference), outputs.path)
+    for key, why in unmatched.items():
+        logger.debug("no engine tensor for %s: %s", key, why)
     return EngineLink(outputs, scopes.path, MappingProxyType(mapping), MappingProxyType(unmatched), match)
 
 
