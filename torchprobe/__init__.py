@@ -24,6 +24,7 @@ from .monitor import HeadroomTrendWarning, HeadroomWarning, LowHeadroomWarning, 
 from . import targets
 from .stats import TensorStats
 from .targets import PrecisionPlan, Target, parse_target
+from .targets.plan import keep_fp32
 
 __all__ = [
     "record", "Recording", "Row", "TensorStats",
@@ -35,7 +36,7 @@ __all__ = [
     "export_onnx", "onnx_names",
     "measure", "ErrorMetrics", "Metric", "get_metric",
     "ErrorKind", "Reason", "Risk",
-    "PrecisionPlan", "Target", "parse_target", "targets",
+    "PrecisionPlan", "Target", "parse_target", "targets", "keep_fp32",
     "TorchprobeError", "InvalidArgument", "UnsupportedTarget", "DumpError", "NonFiniteReference",
     "__version__",
 ]

@@ -7,33 +7,10 @@ from ..targets.base import dtype_name
 
 _TORCH_DTYPE = {"fp16": "torch.float16", "bf16": "torch.bfloat16", "fp32": "torch.float32"}
 
-_KEEP_FP32_HELPER = '''\
+_KEEP_FP32_HELPER = """\
 import torch
-from torch.utils import _pytree as pytree
-
-
-def _cast(obj, dtype):
-    return pytree.tree_map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, obj)
-
-
-def keep_fp32(model, names, out_dtype=None, autocast_device=None):
-    """Run the named submodules in FP32: inputs cast up, outputs cast back to out_dtype."""
-    for name in names:
-        module = model.get_submodule(name).float()
-        inner = module.forward
-
-        def forward(*args, _inner=inner, **kwargs):
-            args, kwargs = _cast((args, kwargs), torch.float32)
-            if autocast_device is not None:
-                with torch.autocast(autocast_device, enabled=False):
-                    out = _inner(*args, **kwargs)
-            else:
-                out = _inner(*args, **kwargs)
-            return out if out_dtype is None else _cast(out, out_dtype)
-
-        module.forward = forward
-    return model
-'''
+from torchprobe.targets.plan import keep_fp32  # picklable hooks: the model survives deepcopy and torch.save
+"""
 
 
 def _header(fix: "Fix") -> str:
@@ -57,12 +34,12 @@ def fix_snippet(fix: "Fix", target: str | None = None) -> str:
     if spec.backend == "autocast":
         return _header(fix) + _KEEP_FP32_HELPER + (
             f"\nKEEP_FP32 = {keep!r}\n"
-            f'model = keep_fp32(model, KEEP_FP32, autocast_device="cuda")  # or "cpu"\n'
+            f'model = keep_fp32(model, KEEP_FP32, autocast_device="cuda")  # in place; or "cpu"\n'
             f'with torch.autocast("cuda", dtype={torch_dtype}):\n'
-            f"    output = model(*inputs)\n")
+            f"    output = model(*inputs)  # inputs: your model's example inputs\n")
     compile_line = "model = torch.compile(model)\n" if spec.backend == "inductor" else ""
     return _header(fix) + _KEEP_FP32_HELPER + (
         f"\nKEEP_FP32 = {keep!r}\n"
-        f"model = keep_fp32(model.to({torch_dtype}), KEEP_FP32, out_dtype={torch_dtype})\n"
+        f"model = keep_fp32(model, KEEP_FP32, dtype={torch_dtype})  # in place: the rest cast to {torch_dtype}\n"
         f"{compile_line}"
-        f"output = model(*[x.to({torch_dtype}) for x in inputs])\n")
+        f"output = model(*[x.to({torch_dtype}) for x in inputs])  # inputs: your model's example inputs\n")

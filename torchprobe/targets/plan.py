@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgument, TorchprobeError
-from ..names import ROOT, is_within, module_names
+from ..names import ROOT, module_names, outermost
 from ..tree import cast_floating
 from .base import dtype_name
 
@@ -48,7 +48,7 @@ class PrecisionPlan:
 
     def outermost(self) -> list[str]:
         """Kept names not inside another kept name (inside a kept module everything is FP32)."""
-        return _outermost(self.keep_fp32)
+        return outermost(self.keep_fp32)
 
     def check(self, model: nn.Module) -> None:
         """Raise InvalidArgument naming any kept module that ``model`` does not have."""
@@ -168,7 +168,7 @@ def keep_fp32(model: nn.Module, names: Iterable[str], dtype: torch.dtype | None 
     by_name[ROOT] = model
     kept = {canonical[by_name[n]].name for n in (*names, *kept_fp32(model))}
     remove_keep_fp32(model)
-    roots = [(name, by_name[name]) for name in _outermost(kept)]
+    roots = [(name, by_name[name]) for name in outermost(kept)]
     # state_dict() holds the kept tensors as they are: .to() gives the parameters new tensors and
     # leaves the old ones alone, so the kept modules get their own values back, not a round trip
     # through dtype.
@@ -219,11 +219,6 @@ def _install(module: nn.Module, hooks: KeepFP32) -> None:
 
 def _hooks_of(module: nn.Module) -> list[KeepFP32]:
     return [h.__self__ for h in module._forward_pre_hooks.values() if isinstance(getattr(h, "__self__", None), KeepFP32)]
-
-
-def _outermost(names: Iterable[str]) -> list[str]:
-    names = set(names)
-    return sorted(n for n in names if not any(o != n and is_within(n, o) for o in names))
 
 
 def _check_names(model: nn.Module, names: Iterable[str], argument: str) -> None:
