@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -298,7 +297,7 @@ class RuleComparison:
     passed: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Fix:
     """A keep-FP32 set for a target, measured end to end. ``bool(fix)`` is True when it meets tol."""
 
@@ -357,6 +356,3 @@ class Fix:
         return fix_text(self)
 
 
-def finite_or_inf(value: float) -> float:
-    """``value``, or inf when it is NaN (for ranking: an undefined error is the worst)."""
-    return math.inf if math.isnan(value) else value

@@ -93,37 +93,28 @@ def recording_table(rec: "Recording") -> str:
     return "\n".join(parts)
 
 
+def _outcome(rep, o) -> tuple[str, str]:
+    """(verdict word, the rest of the line) for one target's outcome."""
+    if o.failure:
+        return "FAILED", o.failure
+    err = "-" if o.output_error is None else num(o.output_error[rep.metric])
+    rest = f"final {rep.metric} {err} ({get_metric(rep.metric).rule(o.tol)})"
+    culprits = ", ".join(f"{c.module} ({c.reason})" for c in rep.culprits_for(o.target)[:3])
+    latent = ", ".join(f"{c.module} ({c.reason})" for c in rep.latent_for(o.target)[:3])
+    if culprits:
+        rest += f"; culprits: {culprits}"
+    elif o.passed and latent:
+        rest += f"; latent (broken inside, masked): {latent}"
+    return ("OK" if o.passed else "DIVERGES"), rest
+
+
 def _verdict_lines(rep) -> list[str]:
-    lines = []
-    for o in rep.outcomes:
-        if o.failure:
-            lines.append(f"  {o.target:<18} FAILED    {o.failure}")
-            continue
-        err = "-" if o.output_error is None else num(o.output_error[rep.metric])
-        verdict = "OK" if o.passed else "DIVERGES"
-        top = rep.culprits_for(o.target)[:3]
-        tail = f"  culprits: {', '.join(f'{c.module} ({c.reason})' for c in top)}" if top else ""
-        if o.passed and rep.latent_for(o.target):
-            tail = f"  latent: {len(rep.latent_for(o.target))} (broken inside, masked)"
-        rule = get_metric(rep.metric).rule(o.tol)
-        lines.append(f"  {o.target:<18} {verdict:<9} final {rep.metric} {err} ({rule}){tail}")
-    return lines
+    return [f"  {o.target:<18} {verdict:<9} {rest}" for o in rep.outcomes for verdict, rest in [_outcome(rep, o)]]
 
 
 def summary_lines(rep) -> list[str]:
     """One line per target: verdict, final error against tol, top culprits (``--quiet``)."""
-    lines = []
-    for o in rep.outcomes:
-        if o.failure:
-            lines.append(f"{o.target}: FAILED: {o.failure}")
-            continue
-        err = "-" if o.output_error is None else num(o.output_error[rep.metric])
-        culprits = ", ".join(f"{c.module} ({c.reason})" for c in rep.culprits_for(o.target)[:3])
-        tail = f"; culprits: {culprits}" if culprits else ""
-        if o.passed and rep.latent_for(o.target):
-            tail = f"; latent: {', '.join(f'{c.module} ({c.reason})' for c in rep.latent_for(o.target)[:3])}"
-        rule = get_metric(rep.metric).rule(o.tol)
-        lines.append(f"{o.target}: {'OK' if o.passed else 'DIVERGES'}: final {rep.metric} {err} ({rule}){tail}")
+    lines = [f"{o.target}: {verdict}: {rest}" for o in rep.outcomes for verdict, rest in [_outcome(rep, o)]]
     if not rep.reference_finite and rep.culprits:
         lines.append(f"{rep.reference}: NOT FINITE: NaN/Inf first from {rep.culprits[0].module} ({rep.culprits[0].reason})")
     return lines
