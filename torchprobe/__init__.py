@@ -4,6 +4,7 @@
     rep = tp.report(model, x, targets=("autocast:fp16", "eager:fp16", "strict:fp16"))
     print(rep); rep.culprits
     fix = tp.bisect(model, x, target="strict:fp16", tol=1e-2); print(fix.snippet())
+    mg = tp.margin(model, x, target="strict:fp16"); mg.weakest.module, mg.weakest.factor
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from .findings import Culprit, Report
 from .localize import report
 from .metrics import ErrorMetrics, measure
 from .search import Fix, Isolation, bisect, isolate
+from .margin import Margin, Margins, margin
 from .weights import WeightReport, check_weights
 from .monitor import HeadroomTrendWarning, HeadroomWarning, LowHeadroomWarning, Monitor, MonitorHistory
 from . import targets
@@ -26,6 +28,7 @@ __all__ = [
     "record", "Recording", "Row", "TensorStats",
     "report", "Report", "Culprit",
     "isolate", "Isolation", "bisect", "Fix",
+    "margin", "Margins", "Margin",
     "check_weights", "WeightReport",
     "Monitor", "MonitorHistory", "HeadroomWarning", "LowHeadroomWarning", "HeadroomTrendWarning",
     "dump", "compare", "load_dump", "save_dump", "Dump", "DumpComparison",
