@@ -126,6 +126,21 @@ def test_batched_and_back_to_back_searches_agree():
     assert batched.runs < apart.runs
 
 
+def test_the_callers_hooks_never_fire_during_the_replays():
+    model, x = known_model()
+    calls = []
+    handles = [model.norm.register_forward_hook(lambda m, a, out: calls.append("norm")),
+               model.register_forward_pre_hook(lambda m, a: calls.append("root"))]
+    before = snapshot(model)
+    mg = tp.margin(model, x, ONNX_PATH)
+    assert calls == [] and mg["norm"].breaks  # the copies ran, without the caller's hooks
+    assert_unchanged(model, before)  # which are all still there
+    model(x)
+    assert calls == ["root", "norm"]
+    for h in handles:
+        h.remove()
+
+
 class Masked(nn.Module):
     """One activation (``x``) among inputs that are not: a 0/1 float mask found by its name, an
     additive mask found by its values, integer positions and a bool mask. Scaling ``extra``

@@ -314,6 +314,28 @@ def _fixed_filter(fixed_inputs: Patterns) -> Callable[[str], bool]:
 
 
 # -- capture -----------------------------------------------------------------------------------
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+def drop_copied_hooks(model: nn.Module, copied: nn.Module) -> None:
+    """Remove from ``copied`` (a deep copy of ``model``) the hooks it inherited from ``model``:
+    ``deepcopy`` copies every module's hook dicts, so the caller's hooks (a Monitor's, a debugger's,
+    a recorder's) would fire during torchprobe's replays, fed scaled inputs."""
+    names = module_names(model)
+    for module, name in names.items():
+        try:
+            twin = copied if name.name == ROOT else copied.get_submodule(name.name)
+        except AttributeError:
+            continue
+        for attr in _HOOK_DICTS:
+            inherited = getattr(module, attr, None)
+            own = getattr(twin, attr, None)
+            if inherited and own is not None and own is not inherited:
+                for key in list(inherited):
+                    own.pop(key, None)
+
+
 def snapshot(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """A replayable copy of one call's inputs: tensors detached and cloned, everything else
     (dicts, cache objects) deep-copied, so nothing the module or the model does later reaches it."""
@@ -657,6 +679,8 @@ def margins_of(
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
         ref = build(ref_target, model, args, kwargs)
         runner = build(parsed, model, args, kwargs)
+        for copied in (ref.module, runner.module):
+            drop_copied_hooks(model, copied)
         captured = _capture(ref, keep, args, kwargs)
         rows: list[Margin] = []
         skipped = [Skipped(n, "never ran") for n in chosen if n not in captured]

@@ -439,7 +439,6 @@ class _Sampling:
     pending: list[_Pending] = field(default_factory=list)
     host: dict[int, _Acc] = field(default_factory=dict)
     open: bool = True
-    paused: bool = False  # while margin() runs on copies (which carry these hooks too)
     margins: Margins | None = None
 
 
@@ -656,7 +655,7 @@ class Monitor:
 
         def after(call: Call, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             index = self._index.get(call.name)
-            if not sampling.open or sampling.paused or index is None:
+            if not sampling.open or index is None:
                 return
             for _, leaf in named_leaves(output):
                 if not _measurable(leaf):
@@ -683,15 +682,11 @@ class Monitor:
         """Before the sampled step's forward: the margins of the model as it is, on its own inputs."""
 
         def before(call: Call, module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if call.name != ROOT or not sampling.open or sampling.paused or sampling.margins is not None:
+            if call.name != ROOT or not sampling.open or sampling.margins is not None:
                 return
-            sampling.paused = True  # the copies margin() makes carry these hooks: they must not record
-            try:
-                with quiet():
-                    sampling.margins = margins_of(module, args, kwargs, self.target, modules=self._margin_candidates(),
-                                                  tol=self.margin_tol)
-            finally:
-                sampling.paused = False
+            with quiet():  # margin()'s copies of the model drop these hooks: nothing records twice
+                sampling.margins = margins_of(module, args, kwargs, self.target, modules=self._margin_candidates(),
+                                              tol=self.margin_tol)
 
         return before
 
