@@ -111,8 +111,8 @@ def test_known_factors_under_the_onnx_path_and_never_for_the_relu():
 
 def test_batched_and_back_to_back_searches_agree():
     model, x = known_model()
-    batched = tp.margin(model, x, ONNX_PATH)
-    apart = tp.margin(model, x, ONNX_PATH, batch=False)
+    batched = tp.margin(model, x, ONNX_PATH, batch=True)
+    apart = tp.margin(model, x, ONNX_PATH)  # the default on the CPU: back to back
     for m in batched:
         other = apart[m.module]
         assert m.batched and not other.batched

