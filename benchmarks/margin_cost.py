@@ -15,8 +15,8 @@ plus ``eager:fp16`` with the default strategy (``batch=None``: batched on CUDA, 
 the CPU). Columns: modules measured, evaluations (scaled
 replays of a module under the target, each paired with an FP32 replay), runs (module invocations
 under the target: a batched step is one), the median time of one whole margin() call (copies,
-capture pass and search included) and one plain FP32 forward of the model for scale. All variants
-run interleaved in one process (``_common.interleaved``).
+capture pass and search included) and of one plain FP32 forward of the model for scale. All
+variants and the forward run interleaved in one process (``_common.interleaved``).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 from tabulate import tabulate
 
-from _common import Variant, clock_name, device_time, environment, interleaved, parser, setup
+from _common import Variant, clock_name, environment, interleaved, parser, setup
 
 import torchprobe as tp  # noqa: E402  (after _common put the repository on sys.path)
 from torchprobe.render.margin import factor_text  # noqa: E402
@@ -106,25 +106,27 @@ def main(argv: list[str] | None = None) -> None:
     workloads = [w for w in (minilm(device, args.minilm), small_vit(device), small_convnext(device)) if w is not None]
     rows = []
     for name, model, inputs in workloads:
-        call = (lambda: model(**inputs)) if isinstance(inputs, dict) else (lambda: model(inputs))
-        with torch.no_grad():
-            forward = device_time(call, device, reps=10, warmup=2)
+        def call(model: torch.nn.Module = model, inputs: Any = inputs) -> None:
+            with torch.no_grad():
+                model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
         variants, results = [], {}
         for label, batch, probes in STRATEGIES:
             results[label] = []
             variants.append(Variant(label, run_margin(model, inputs, "strict:fp16", batch, probes, results[label])))
         results["eager"] = []
         variants.append(Variant("eager", run_margin(model, inputs, "eager:fp16", None, margin_module.PROBES, results["eager"])))
+        forward = Variant("forward", call)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            interleaved(variants, device, reps=reps, warmup=1)
+            interleaved(variants + [forward], device, reps=reps, warmup=1)
         fastest = min(v.median for v in variants[:-1])
         for v in variants:
             mg = results[v.name][0]
             w = mg.weakest
             target, label = ("eager:fp16", "default") if v.name == "eager" else ("strict:fp16", v.name)
             rows.append([name, target, label, len(mg), mg.evaluations, mg.runs, f"{v.median:.2f}",
-                         "" if v.name == "eager" else f"{v.median / fastest:.2f}x", f"{forward * 1e3:.1f}",
+                         "" if v.name == "eager" else f"{v.median / fastest:.2f}x", f"{forward.median * 1e3:.1f}",
                          "-" if w is None else f"{w.module} {factor_text(w.factor)}"])
     print(f"{environment(device)}; {reps} interleaved margin() calls per variant after 1 warm-up; "
           f"medians of {clock_name(device)}")
