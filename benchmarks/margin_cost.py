@@ -21,7 +21,6 @@ variants and the forward run interleaved in one process (``_common.interleaved``
 from __future__ import annotations
 
 import importlib
-import statistics
 import sys
 import warnings
 from typing import Any, Callable

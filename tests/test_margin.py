@@ -403,3 +403,12 @@ def test_margin_command_help(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: torchprobe margin") and "exit status" in out and "--min-factor" in out
+
+
+def test_a_module_that_fails_under_the_target_is_a_finding():
+    from models import FailsInHalf
+
+    torch.manual_seed(0)
+    mg = tp.margin(FailsInHalf(), torch.randn(3, 4), "eager:fp16", modules="inv")
+    inv = mg["inv"]
+    assert inv.factor == 1.0 and inv.reason == "error" and "Error" in inv.evidence

@@ -520,7 +520,7 @@ def test_margin_of_a_growing_layernorm_is_sampled_and_warns_before_it_breaks():
         model.grow.weight.mul_(8.0)
         model.grow.bias.mul_(8.0)
     x = torch.randn(16, 8)
-    centred, outputs = {}, {}
+    centred = {}
     step = [0]
 
     def pre(module, args):  # the independent computation: a plain hook, float64
