@@ -54,6 +54,7 @@ def module_calls(
     *,
     before: BeforeHook | None = None,
     after: AfterHook | None = None,
+    per_module: bool = False,
 ) -> Iterator[Counter]:
     """Hook every kept module; call ``before``/``after`` with a :class:`Call` per module call.
 
@@ -64,9 +65,12 @@ def module_calls(
     it costs O(1) instead of two handles per module (1.5 ms for 200 modules), each call runs one
     hook instead of two, and modules of other models are skipped by identity. A call's index then
     counts finished calls of its module, the same as started calls unless a module calls itself.
+    ``per_module=True`` registers hooks on each kept module even then: nothing runs for the
+    modules of other models (a training loop's teacher, EMA or loss modules, torchprobe's own
+    copies), and the hooks show in each module's ``_forward_hooks``.
     """
     counts: Counter = Counter()
-    if before is None:
+    if before is None and not per_module:
         names = {m: n.name for m, n in module_names(model).items() if keep(n.name)}
 
         def post_only(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:

@@ -68,7 +68,7 @@ class PrecisionPlan:
         (torch.float16, torch.float32, torch.float16)
         """
         self.check(model)
-        clone = copy.deepcopy(model)
+        clone = drop_observer_hooks(copy.deepcopy(model))
         names = set(self.keep_fp32) | set(kept_fp32(clone))
         if cast_weights:
             return keep_fp32(clone, names, dtype=self.dtype)
@@ -187,6 +187,34 @@ def keep_fp32(model: nn.Module, names: Iterable[str], dtype: torch.dtype | None 
                 inside.add(id(sub))
                 _install(sub, KeepFP32(sub_name, None, autocast_device, region_root=False))
     return model
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_KWARG_SETS = ("_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def _computes_weights(hook: Any) -> bool:
+    """Hooks that are part of what the module computes (they rebuild its weights), not observers."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return isinstance(hook, (WeightNorm, SpectralNorm)) or isinstance(getattr(hook, "__self__", None), KeepFP32)
+
+
+def drop_observer_hooks(copied: nn.Module) -> nn.Module:
+    """Remove, in place, the hooks a deep copy inherited from the caller's model (a logger, a
+    Monitor, a debugger): they must not fire on torchprobe's replays. Hooks that compute the
+    module's weights (the legacy ``weight_norm``/``spectral_norm``) and keep-FP32 hooks stay."""
+    for module in copied.modules():
+        for attr in _HOOK_DICTS:
+            hooks = getattr(module, attr, None)
+            if not hooks:
+                continue
+            for key in [k for k, h in hooks.items() if not _computes_weights(h)]:
+                del hooks[key]
+                for extra in _KWARG_SETS:
+                    getattr(module, extra, {}).pop(key, None)
+    return copied
 
 
 def kept_fp32(model: nn.Module) -> list[str]:
