@@ -180,8 +180,9 @@ class Report:
             order.setdefault(str(CallKey(r.module, r.call)), len(order))
         groups: dict[tuple[str, str, ErrorKind], list[ModuleError]] = {}
         for e in self.errors:
-            order.setdefault(e.call_key, len(order))
-            groups.setdefault((e.call_key, e.target, ErrorKind(e.kind)), []).append(e)
+            key = e.call_key
+            order.setdefault(key, len(order))
+            groups.setdefault((key, e.target, ErrorKind(e.kind)), []).append(e)
         targets = {t: i for i, t in enumerate(self.targets)}
         kinds = {ErrorKind.LOCAL: 0, ErrorKind.PROPAGATED: 1}
         out = []
