@@ -34,7 +34,7 @@ stretch); hovered point markers are drawn for every call up to :data:`MARKER_LIM
 that only on culprits, latent findings, failures, local errors out of tolerance and the first
 propagated point out of tolerance; runs of Inf/NaN become one bar; the table keeps
 :data:`MAX_TABLE_ROWS` rows (culprits, latent findings and rows with non-finite values first, then
-head and tail). 6000 calls make about 0.7 MB.
+head and tail). 6000 calls make about 0.75 MB.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
 from ..atomic import write_text
 from ..formats import LOW_HEADROOM_BITS
@@ -52,6 +52,9 @@ from ..kinds import ErrorKind
 from ..metrics import get_metric
 from ..names import ROOT, CallKey
 from .text import num, short, trim
+
+if TYPE_CHECKING:
+    from ..results import CallError, Culprit, Report
 
 MARKER_LIMIT = 150
 MAX_LINE_POINTS = 1200
@@ -84,9 +87,12 @@ def report_html(rep: "Report", margins: Margins | None = None) -> str:
     """The whole page as a string.
 
     ``margins`` (default: the report's own ``margins`` field, when it has one) is drawn in the
-    headroom plot: ``{call key: factor}`` for one series, or ``{target: {call key: factor}}``; a
-    factor is how much a module's inputs may grow before it breaks (``inf``: never, up to the
-    largest factor tried).
+    headroom plot: ``{call key: factor}`` for one series, ``{target: {call key: factor}}``, or
+    Margins results (``.target`` and ``.rows`` of ``.key``/``.module`` and ``.factor``). A factor is
+    how much a module's inputs may grow before it breaks (``inf``: never, up to the largest factor
+    tried); keys that name no call of the report are left out.
+
+        >>> report_html(rep, margins={"encoder.layers.1.norm2": 1.0, "encoder.layers.0.norm2": 24.0})
     """
     measured = rep.call_errors()
     layout = _layout(rep, measured)
@@ -822,7 +828,7 @@ def _headroom_plot(rep: "Report", layout: _Layout, cells: dict, colors: dict[str
         color = colors.get(label, PALETTE[(len(rep.targets) + k) % len(PALETTE)])
         parts += _margin_line(label, p, calls, x, y, color)
         legend.append((color, "dotted", f"margin{'' if label == 'margin' else ' under ' + label}: "
-                                        "input growth it survives (log2 factor)"))
+                                        "input growth it survives (log2 factor; hollow at the top: never broke)"))
     for li, t in enumerate(lanes):
         cy = lane_top + LANE * li + LANE / 2
         parts.append(f'<text class=yt x="{LEFT - 6}" y="{_f(cy)}">{_e(t)}</text>'
@@ -866,7 +872,8 @@ def _margin_line(label: str, pts: list[tuple[int, float]], calls: list[_CallRow]
             title = f"{c.key} ({c.module_type}): margin{under}: no break up to the largest factor tried"
         else:
             title = f"{c.key} ({c.module_type}): inputs may grow ×{num(f)} before it breaks{under} ({num(_bits(f))} doublings)"
-        parts.append(f'<path class=mmark d="M{_f(x(i))},{_f(py - 4)}l4,4l-4,4l-4,-4z" fill="{color}" stroke="{color}">'
+        fill = "#fff" if math.isinf(f) else color
+        parts.append(f'<path class=mmark d="M{_f(x(i))},{_f(py - 4)}l4,4l-4,4l-4,-4z" fill="{fill}" stroke="{color}">'
                      f"<title>{_e(title)}</title></path>")
     return parts
 
