@@ -21,7 +21,7 @@ from .atomic import write_text
 from .capture import Row
 from .errors import DumpError
 from .kinds import ErrorKind, FixOutcome, Reason
-from .metrics import ErrorMetrics, get_metric
+from .metrics import ErrorMetrics, get_metric, worst_of
 from .names import CallKey, is_within
 from .stats import TensorStats
 
@@ -99,6 +99,28 @@ class Culprit:
 
 
 @dataclass(frozen=True)
+class CallError:
+    """The worst output leaf of one module call under one target and kind (:meth:`Report.call_errors`).
+
+    ``value`` is the worst value of the report's metric over the call's output leaves (``inf`` when a
+    leaf has no metrics, ``None`` when the call failed); ``metrics`` the worst leaf's metrics (None
+    when failed or a leaf has none); ``nan``/``inf`` count NaN/Inf in the target's output, all leaves.
+    """
+
+    call_key: str
+    module: str
+    call: int
+    target: str
+    kind: ErrorKind
+    value: float | None
+    metrics: ErrorMetrics | None
+    failure: str | None
+    nan: int
+    inf: int
+    leaves: int
+
+
+@dataclass(frozen=True)
 class InputStats:
     """Reference statistics of one input leaf of one module call."""
 
@@ -141,6 +163,38 @@ class Report:
             if e.key == key and e.target == target and e.kind == kind:
                 return e
         return None
+
+    def call_errors(self) -> tuple[CallError, ...]:
+        """Per (module call, target, kind) the worst output leaf, in call order.
+
+        Calls come in the order the reference returned them (then any seen only in ``errors``),
+        each with its targets in ``targets`` order, local before propagated.
+
+            >>> [(c.call_key, c.target, str(c.kind), c.value) for c in rep.call_errors()][:2]
+            [('proj', 'eager:fp16', 'local', inf), ('proj', 'eager:fp16', 'propagated', inf)]
+        """
+        m = get_metric(self.metric)
+        order: dict[str, int] = {}
+        for r in self.rows:
+            order.setdefault(str(CallKey(r.module, r.call)), len(order))
+        groups: dict[tuple[str, str, ErrorKind], list[ModuleError]] = {}
+        for e in self.errors:
+            key = e.call_key
+            order.setdefault(key, len(order))
+            groups.setdefault((key, e.target, ErrorKind(e.kind)), []).append(e)
+        targets = {t: i for i, t in enumerate(self.targets)}
+        kinds = {ErrorKind.LOCAL: 0, ErrorKind.PROPAGATED: 1}
+        out = []
+        for (key, target, kind), errs in sorted(groups.items(), key=lambda kv: (
+                order[kv[0][0]], targets.get(kv[0][1], len(targets)), kinds[kv[0][2]])):
+            failure = next((e.failure for e in errs if e.failure), None)
+            leaf_metrics = [e.metrics for e in errs]
+            value = None if failure else m.worst(math.inf if x is None else x[m.name] for x in leaf_metrics)
+            worst = None if failure else worst_of(m, leaf_metrics)
+            out.append(CallError(key, errs[0].module, errs[0].call, target, kind, value, worst, failure,
+                                 sum(e.stats.nan or 0 for e in errs if e.stats), sum(e.stats.inf or 0 for e in errs if e.stats),
+                                 len(errs)))
+        return tuple(out)
 
     def culprits_for(self, target: str) -> list[Culprit]:
         return [c for c in self.culprits if c.target == target]

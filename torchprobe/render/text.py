@@ -155,10 +155,7 @@ def report_text(rep) -> str:
 
 
 def module_table(rep) -> str:
-    metric = get_metric(rep.metric)
-    by: dict[tuple, list] = {}
-    for e in rep.errors:
-        by.setdefault((e.call_key, e.target, e.kind), []).append(e)
+    cells = {(c.call_key, c.target, c.kind): c for c in rep.call_errors()}
     seen, calls = set(), []
     for r in rep.rows:
         call = call_key_of(r.key)
@@ -174,13 +171,8 @@ def module_table(rep) -> str:
         row = [short(call) + (f" {marked[call]}" if call in marked else ""), r.module_type, stat(r.absmax), stat(r.headroom_bits)]
         for t in rep.targets:
             for kind in (ErrorKind.LOCAL, ErrorKind.PROPAGATED):
-                errs = by.get((call, t, kind))
-                if not errs:
-                    row.append("-")
-                elif any(e.failure for e in errs):
-                    row.append("failed")
-                else:
-                    row.append(num(metric.worst(math.inf if e.metrics is None else e.metrics[metric.name] for e in errs)))
+                cell = cells.get((call, t, kind))
+                row.append("-" if cell is None else "failed" if cell.failure else num(cell.value))
         rows.append(row)
         flags.append(call in marked)
     legend = []
