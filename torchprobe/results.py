@@ -20,6 +20,7 @@ from torch import nn
 from .atomic import write_text
 from .capture import Row
 from .errors import DumpError
+from .io.jsonable import float_from_json, json_float
 from .kinds import ErrorKind, FixOutcome, Reason
 from .metrics import ErrorMetrics, get_metric, worst_of
 from .names import CallKey, is_within
@@ -148,6 +149,7 @@ class Report:
     latent: tuple[Culprit, ...] = ()
     reference_finite: bool = True
     replay_failures: tuple[str, ...] = ()
+    margins: dict[str, dict[str, float]] | None = None  # report(margins=True): target -> module -> factor
 
     def __bool__(self) -> bool:
         return self.reference_finite and all(o.passed for o in self.outcomes)
@@ -222,6 +224,8 @@ class Report:
     def to_json(self, path: str | Path) -> Path:
         """Write the report as JSON (atomically); read it back with :meth:`from_json`."""
         data = {"format": "torchprobe-report", "version": 2, **self.to_dict()}
+        if self.margins is not None:
+            data["margins"] = {t: {k: json_float(v) for k, v in m.items()} for t, m in self.margins.items()}
         return write_text(path, json.dumps(data, indent=1, default=str))
 
     @classmethod
@@ -276,6 +280,8 @@ def _report_from_dict(d: dict[str, Any]) -> Report:
         latent=tuple(_culprit(c) for c in d.get("latent", ())),
         reference_finite=d.get("reference_finite", True),
         replay_failures=tuple(d.get("replay_failures", ())),
+        margins=None if d.get("margins") is None else
+        {t: {k: float_from_json(v) for k, v in m.items()} for t, m in d["margins"].items()},
     )
 
 

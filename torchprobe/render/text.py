@@ -8,7 +8,7 @@ from tabulate import tabulate
 
 from ..kinds import ErrorKind, FixOutcome
 from ..metrics import get_metric
-from ..names import call_key_of
+from ..names import CallKey, call_key_of
 
 MAX_ROWS = 60
 NAME_WIDTH = 44
@@ -163,8 +163,9 @@ def module_table(rep) -> str:
             seen.add(call)
             calls.append((call, r))
     headers = ["module call", "type", "ref absmax", "headroom"]
+    margins = rep.margins or {}
     for t in rep.targets:
-        headers += [f"{t}\nlocal", f"{t}\nprop."]
+        headers += [f"{t}\nlocal", f"{t}\nprop."] + ([f"{t}\nmargin"] if t in margins else [])
     marked = {c.key: "*" for c in rep.culprits} | {c.key: "°" for c in rep.latent if c.key not in {x.key for x in rep.culprits}}
     rows, flags = [], []
     for call, r in calls:
@@ -173,6 +174,9 @@ def module_table(rep) -> str:
             for kind in (ErrorKind.LOCAL, ErrorKind.PROPAGATED):
                 cell = cells.get((call, t, kind))
                 row.append("-" if cell is None else "failed" if cell.failure else num(cell.value))
+            if t in margins:
+                factor = margins[t].get(CallKey.parse(call).name)
+                row.append("-" if factor is None else f"x{num(factor)}")
         rows.append(row)
         flags.append(call in marked)
     legend = []
