@@ -301,30 +301,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from .localize import report
-    from .targets import get_backend, model_device
 
     for path in (args.json, args.html):
         _check_writable(path)
-    factory = load_factory(args.model)
-    model, inputs = call_factory(args.model, factory)
-    if args.input:
-        inputs = build_inputs(args.input, seed=args.seed, kwargs_from_safetensors=args.input_kwargs)
-    elif inputs is None:
-        raise InvalidArgument(f"{args.model}() returned a model without inputs; pass --input, e.g. --input 2x16")
-    if args.device is not None:
-        model = model.to(args.device)  # the command's own model, built by the factory above
-        device = args.device
-    else:
-        device = model_device(model)
-    inputs = _to_device(inputs, device)
-    for target in args.target:
-        reason = get_backend(target.backend).unavailable(device)
-        if reason:
-            raise CliError(f"target {target} cannot run here: {reason}")
-
+    model, inputs = _model_and_inputs(args, args.target)
     rep = report(
         model, inputs, targets=[str(t) for t in args.target], reference=args.reference,
         modules="leaves" if args.modules == ["leaves"] else args.modules, tol=args.tol, metric=args.metric,
+        margins=args.margins,
     )
     print(_summary(rep) if args.quiet else str(rep))
     for path, write in ((args.json, rep.to_json), (args.html, rep.to_html)):
@@ -584,6 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="move the model and inputs there (default: where the factory put the model)")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     p.add_argument("--html", metavar="PATH", help="also write the report as a self-contained HTML page")
+    p.add_argument("--margins", action="store_true", help="also measure each leaf's growth margin under every target (a column, JSON, HTML)")
     p.add_argument("-q", "--quiet", action="store_true", help="print one verdict line per target; no progress bars")
     p.set_defaults(run=_cmd_report)
 
