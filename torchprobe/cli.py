@@ -401,7 +401,7 @@ def _cmd_margin(args: argparse.Namespace) -> int:
 def _write_json(args: argparse.Namespace, data: dict) -> None:
     import json
 
-    from .atomic import write_text
+    from .io.atomic import write_text
 
     if args.json is not None:
         write_text(args.json, json.dumps(data, indent=1))

@@ -73,7 +73,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .atomic import write_text
+from .io.atomic import write_text
 from .capture import Call, module_calls
 from .errors import InvalidArgument, UnsupportedTarget
 from .formats import FP16_MAX

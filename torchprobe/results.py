@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from .atomic import write_text
+from .io.atomic import write_text
 from .capture import Row
 from .errors import DumpError
 from .io.jsonable import float_from_json, json_float

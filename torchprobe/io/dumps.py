@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..atomic import atomic_path
+from .atomic import atomic_path
 from ..errors import DumpError, InvalidArgument
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Dump", "TensorInfo", "load_dump", "save_dump", "PathLike"]

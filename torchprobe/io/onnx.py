@@ -40,7 +40,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from ..atomic import atomic_path, write_text
+from .atomic import atomic_path, write_text
 from ..errors import InvalidArgument, TorchprobeError
 from ..names import ROOT, module_names
 from ..tree import as_call, leaf_key, named_leaves

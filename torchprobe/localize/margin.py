@@ -69,7 +69,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import stats as _stats
-from ..atomic import write_text
+from ..io.atomic import write_text
 from ..capture import Call, module_calls
 from ..errors import InvalidArgument
 from ..io.jsonable import float_from_json, json_float

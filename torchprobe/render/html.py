@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
-from ..atomic import write_text
+from ..io.atomic import write_text
 from ..formats import LOW_HEADROOM_BITS
 from ..kinds import ErrorKind
 from ..metrics import get_metric
