@@ -44,7 +44,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from ..io.atomic import write_text
 from ..formats import LOW_HEADROOM_BITS
@@ -52,9 +52,6 @@ from ..kinds import ErrorKind
 from ..metrics import get_metric
 from ..names import ROOT, CallKey
 from .text import num, short, trim
-
-if TYPE_CHECKING:
-    from ..results import CallError, Culprit, Report
 
 MARKER_LIMIT = 150
 MAX_LINE_POINTS = 1200

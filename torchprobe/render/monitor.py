@@ -1,14 +1,10 @@
 """Text of a :class:`~torchprobe.monitor.MonitorHistory` (formatting only)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 from tabulate import tabulate
 
 from .margin import factor_text
-
-if TYPE_CHECKING:
-    from ..monitor import MonitorHistory
 
 TABLE_ROWS = 10
 
