@@ -632,9 +632,6 @@ def margins_of(
     if isinstance(max_factor, bool) or not isinstance(max_factor, (int, float)) or not 1.0 < max_factor < math.inf:
         raise InvalidArgument(f"max_factor= must be a finite number above 1 (the largest input growth tried, "
                               f"e.g. 1024); got {max_factor!r}")
-    if tol is not None and not isinstance(tol, dict) and (isinstance(tol, bool) or not isinstance(tol, (int, float))
-                                                          or not 0 <= tol < math.inf):
-        raise InvalidArgument(f"tol= must be None (the default per dtype), a finite number >= 0 or a dict by target; got {tol!r}")
     if batch is not None and not isinstance(batch, bool):
         raise InvalidArgument(f"batch= must be None (batched on CUDA only), True or False; got {batch!r}")
     fixed = _fixed_filter(fixed_inputs)
