@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from typing import Sequence
 
 from tabulate import tabulate
@@ -169,7 +170,7 @@ def module_table(rep) -> str:
     marked = {c.key: "*" for c in rep.culprits} | {c.key: "°" for c in rep.latent if c.key not in {x.key for x in rep.culprits}}
     rows, flags = [], []
     for call, r in calls:
-        row = [short(call) + (f" {marked[call]}" if call in marked else ""), r.module_type, stat(r.absmax), stat(r.headroom_bits)]
+        row = [call + (f" {marked[call]}" if call in marked else ""), short(r.module_type, 20), stat(r.absmax), stat(r.headroom_bits)]
         for t in rep.targets:
             for kind in (ErrorKind.LOCAL, ErrorKind.PROPAGATED):
                 cell = cells.get((call, t, kind))
@@ -179,12 +180,23 @@ def module_table(rep) -> str:
                 row.append("-" if factor is None else f"x{num(factor)}")
         rows.append(row)
         flags.append(call in marked)
+    _fit_names(rows, headers)
     legend = []
     if any(v == "*" for v in marked.values()):
         legend.append("* culprit")
     if any(v == "°" for v in marked.values()):
         legend.append("° latent")
     return tabulate(trim(rows, flags), headers=headers, disable_numparse=True) + (f"\n({', '.join(legend)})" if legend else "")
+
+
+def _fit_names(rows: list[list[str]], headers: list[str]) -> None:
+    """Shorten the first column (in the middle) so the table fits the terminal (at least 100 columns)."""
+    width = max(shutil.get_terminal_size((100, 24)).columns, 100)
+    others = sum(max([len(line) for h in [headers[i]] for line in h.split("\n")] + [len(r[i]) for r in rows]) + 2
+                 for i in range(1, len(headers)))
+    room = max(24, min(NAME_WIDTH + 16, width - others - 2))
+    for row in rows:
+        row[0] = short(row[0], room)
 
 
 def fix_message(fix) -> str:
