@@ -14,6 +14,7 @@ from .dumps import Dump, DumpComparison, compare, dump, load_dump, save_dump
 from .errors import DumpError, InvalidArgument, TorchprobeError, UnsupportedTarget
 from .findings import Culprit, Report
 from .localize import report
+from .explain import Explanation, explain
 from .metrics import ErrorMetrics, measure
 from .search import Fix, Isolation, bisect, isolate
 from .weights import WeightReport, check_weights
@@ -25,6 +26,7 @@ from .targets import PrecisionPlan, Target, parse_target
 __all__ = [
     "record", "Recording", "Row", "TensorStats",
     "report", "Report", "Culprit",
+    "explain", "Explanation",
     "isolate", "Isolation", "bisect", "Fix",
     "check_weights", "WeightReport",
     "Monitor", "MonitorHistory", "HeadroomWarning", "LowHeadroomWarning", "HeadroomTrendWarning",
