@@ -77,7 +77,7 @@ _CONV_OPS = ("aten.convolution.default", "aten.conv1d.default", "aten.conv2d.def
 _REDUCE_OPS = ("aten.mean.dim", "aten.mean.default", "aten.sum.dim_IntList", "aten.sum.default", "aten.prod.default",
                "aten.prod.dim_int", "aten.cumsum.default", "aten.amax.default", "aten.amin.default", "aten.max.dim",
                "aten.min.dim", "aten.max.default", "aten.min.default", "aten.argmax.default", "aten.argmin.default",
-               "aten.any.dim", "aten.all.dim")
+               "aten.any.dim", "aten.all.dim", "prims.sum.default")
 _ELEMENTWISE_OPS = (
     "aten.add.Tensor", "aten.add.Scalar", "aten.sub.Tensor", "aten.sub.Scalar", "aten.rsub.Scalar", "aten.rsub.Tensor",
     "aten.mul.Tensor", "aten.mul.Scalar", "aten.div.Tensor", "aten.div.Scalar", "aten.div.Tensor_mode",
@@ -94,7 +94,8 @@ _ELEMENTWISE_OPS = (
     "aten.ne.Scalar", "aten.lt.Tensor", "aten.lt.Scalar", "aten.le.Tensor", "aten.le.Scalar", "aten.gt.Tensor",
     "aten.gt.Scalar", "aten.ge.Tensor", "aten.ge.Scalar", "aten.isnan.default", "aten.isinf.default",
     "aten.bitwise_not.default", "aten.masked_fill.Scalar", "aten.masked_fill.Tensor", "aten.fmod.Scalar",
-    "aten.remainder.Scalar", "aten.log1p.default", "aten.log2.default", "aten.log10.default",
+    "aten.remainder.Scalar", "aten.log1p.default", "aten.log2.default", "aten.log10.default", "prims.div.default",
+    "aten.silu.default", "aten.hardswish.default", "aten.hardsigmoid.default", "aten.mish.default",
 )
 _SHAPE_OPS = (
     "aten.view.default", "aten._reshape_copy.default", "aten.reshape.default", "aten._unsafe_view.default",
@@ -111,8 +112,9 @@ _SHAPE_OPS = (
     "aten.constant_pad_nd.default", "aten.max_pool2d.default", "aten.max_pool2d_with_indices.default",
     "aten.adaptive_avg_pool2d.default", "aten._adaptive_avg_pool2d.default", "aten.avg_pool2d.default",
     "aten.upsample_nearest2d.vec", "aten.upsample_bilinear2d.vec", "aten.pixel_shuffle.default",
-    "aten.dropout.default", "aten.sym_size.int", "getitem",
+    "aten.dropout.default", "aten.sym_size.int", "aten.expand_as.default", "getitem",
 )
+_FALLBACK_OPS = ("prims.broadcast_in_dim.default",)
 _CAST_OPS = ("aten._to_copy.default", "prims.convert_element_type.default", "aten.to.dtype")
 
 _TRT_NORM = TRT + "conversion/impl/normalization/ops.py"
@@ -211,6 +213,11 @@ STRICT_RULES = (
          "Tensor.to in the dtype", TRT + "conversion/converter_utils.py cast_trt_tensor"),
     Rule("strict", "shape", _SHAPE_OPS, "IShuffle, ISlice, IConcatenation, IGather, constants, pooling", "none",
          "as PyTorch runs it", TRT + "conversion/aten_ops_converters.py", risk="none"),
+    Rule("strict", "no converter", _FALLBACK_OPS,
+         "no converter in 2.14 (e.g. the broadcast after a keepdim var, which fuse_prims_broadcast fuses only "
+         "after a prims.sum): the op runs in a PyTorch segment (_run_on_gpu) between engines", "none",
+         "as PyTorch runs it", TRT + "lowering/passes/fuse_prims_broadcast.py; conversion/aten_ops_converters.py",
+         risk="none"),
 )
 
 _ONNX_NORM = f"{TS_ONNX}symbolic_opset9.py"
