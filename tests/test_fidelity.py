@@ -25,7 +25,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from torchprobe.atomic import write_text
-from torchprobe.targets.rules import RULES, rule_for, rules_markdown, trt_decomposition_table
+from torchprobe.targets.rules import RULES, remove_assert_nodes, rule_for, rules_markdown, trt_decomposition_table
 from torchprobe.targets.strict import strict_mode
 
 FP16 = torch.float16
@@ -113,7 +113,7 @@ def _lowered(module: nn.Module, args: tuple) -> fx.GraphModule:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch's own
         exported = torch.export.export(module, args, strict=False)
-        return exported.run_decompositions(trt_decomposition_table()).module()
+        return remove_assert_nodes(exported.run_decompositions(trt_decomposition_table()).module())
 
 
 def _name(node: fx.Node) -> str:

@@ -34,7 +34,7 @@ from .names import ROOT
 from .targets import parse_target
 from .targets.base import LOW_PRECISION, dtype_name
 from .targets.plan import PrecisionPlan
-from .targets.rules import Rule, rule_for, trt_decomposition_table
+from .targets.rules import Rule, remove_assert_nodes, rule_for, trt_decomposition_table
 from .tree import as_call, cast_floating
 
 __all__ = ["explain", "Explanation", "ModuleExplanation", "ExplainedOp"]
@@ -90,7 +90,8 @@ class ModuleExplanation:
         return tuple(o for o in self.ops if o.risk)
 
     def count(self, dtype: str) -> int:
-        return sum(1 for o in self.ops if o.arithmetic and o.dtype == dtype)
+        """Ops computing in ``dtype`` (casts not counted)."""
+        return sum(1 for o in self.ops if o.arithmetic and o.rule != "cast" and o.dtype == dtype)
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,7 @@ def _export(module: nn.Module, args: tuple, kwargs: dict, profile: str, label: s
                                 f"cannot be listed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     if profile == "strict":
         exported = exported.run_decompositions(trt_decomposition_table())
-    return exported.module()
+    return remove_assert_nodes(exported.module())
 
 
 # --------------------------------------------------------------------------- the FP32 shadow

@@ -36,8 +36,8 @@ def explain_text(ex: "Explanation", shape_ops: bool = False) -> str:
     ops = [o for o in ex.ops if o.arithmetic or shape_ops]
     hidden = sum(1 for o in ex.ops if not o.arithmetic) if not shape_ops else 0
     low = ex.target.split(":")[-1]
-    n_low = sum(1 for o in ex.ops if o.arithmetic and o.dtype == low)
-    n_fp32 = sum(1 for o in ex.ops if o.arithmetic and o.dtype == "fp32")
+    n_low = sum(1 for o in ex.ops if o.arithmetic and o.rule != "cast" and o.dtype == low)
+    n_fp32 = sum(1 for o in ex.ops if o.arithmetic and o.rule != "cast" and o.dtype == "fp32")
     lines = [f"explain {ex.target}: {ex.profile}",
              f"{ex.model}: {len(ops)} ops reach the engine: {n_low} in {low}, {n_fp32} in fp32, "
              f"{len(ex.risks)} may overflow" + (f" ({hidden} shape ops not listed)" if hidden else "")]

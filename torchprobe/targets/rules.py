@@ -24,7 +24,8 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["Rule", "RULES", "PRECISIONS", "TRT_2_14", "rule_for", "rules_markdown", "trt_decomposition_table"]
+__all__ = ["Rule", "RULES", "PRECISIONS", "TRT_2_14", "remove_assert_nodes", "rule_for", "rules_markdown",
+           "trt_decomposition_table"]
 
 # Sources, pinned. Torch-TensorRT main d7f2062 = 2.14.0a0; its impl/, _decompositions.py,
 # _decomposition_groups.py and _defaults.py equal the released torch_tensorrt-2.14.0 wheel.
@@ -286,6 +287,19 @@ ONNX_RULES = (
 )
 
 RULES: tuple[Rule, ...] = STRICT_RULES + ONNX_RULES
+
+# Torch-TensorRT's remove_assert_nodes pass (lowering/passes/remove_assert_nodes.py) erases these
+# before conversion; export puts _assert_tensor_metadata before every .to() cast.
+REMOVED_BEFORE_CONVERSION = ("aten._assert_scalar.default", "aten._assert_tensor_metadata.default")
+
+
+def remove_assert_nodes(gm: Any) -> Any:
+    """The graph without the assert nodes no converter sees (Torch-TensorRT's ``remove_assert_nodes``)."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and str(node.target) in REMOVED_BEFORE_CONVERSION:
+            gm.graph.erase_node(node)
+    gm.recompile()
+    return gm
 
 
 def rule_for(profile: str, op: str, producer: str = "") -> Rule | None:
