@@ -285,7 +285,9 @@ def test_transformer_encoder_layer_runs_with_hooks_and_modest_error():
             h.remove()
     assert rel_l2(out, ref) < 1e-2
     assert {"self_attn", "linear1", "linear2", "norm1", "norm2"} <= set(fired)
-    assert ev.decomposed == Counter(scaled_dot_product_attention=1)  # seen inside multi_head_attention_forward
+    # seen inside multi_head_attention_forward where torch can re-enter Python composites (2.13+)
+    seen = 1 if hasattr(torch.overrides, "redispatch_function") else 0
+    assert ev.decomposed == Counter(scaled_dot_product_attention=seen)
     assert ev.events() == []
 
 

@@ -57,6 +57,7 @@ CPU FP16 kernels compute, several times faster here); on CUDA they run natively.
 
 Example::
 
+    >>> _ = torch.manual_seed(0)
     >>> ln = nn.LayerNorm(64).half()
     >>> x = (torch.randn(4, 64) * 1000).half()           # |x| up to ~3400
     >>> with strict_mode(torch.float16) as ev:
