@@ -150,6 +150,25 @@ def test_rms_norm_follows_the_installed_torch():
         assert ev.decomposed == Counter(rms_norm=1)
 
 
+def test_rms_norm_where_torch_lacks_the_fp32_composite_is_the_lowering_pass(monkeypatch):
+    """torch 2.11: _fused_rms_norm reaches replace_fused_rms_norm, which writes FP16 primitives."""
+    import torchprobe.targets.strict as strict
+
+    monkeypatch.setattr(strict, "fused_rms_norm_is_fp32", lambda: False)
+    x, w = randn(4, 32, scale=30).half(), randn(32, seed=1, shift=1).half()
+    with strict_mode(FP16) as ev:
+        out = F.rms_norm(x, (32,), w)  # eps None: the pass uses 1e-5
+    eps = torch.tensor(1e-5, dtype=FP16).double()
+    ms = (x * x).double().mean(-1, keepdim=True).half()  # x*x stored in FP16, mean accumulated in FP32
+    r = (1 / torch.sqrt(ms.double() + eps).half().double()).half()
+    expected = ((x.double() * r.double()).half().double() * w.double()).half()
+    assert torch.equal(out, expected) and ev.decomposed == Counter(rms_norm=1)
+    big = torch.full((2, 8), 300.0, dtype=FP16)  # x*x = 90000 > 65504 in FP16
+    with strict_mode(FP16) as ev:
+        F.rms_norm(big, (8,))
+    assert ev.events()[0].op == "rms_norm/mul"
+
+
 def test_rsqrt_and_silu_are_two_dtype_layers():
     x = randn(64, scale=3).abs().half() + 0.1
     with strict_mode(FP16) as ev:
