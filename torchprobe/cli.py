@@ -540,7 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pass the tensors of .safetensors inputs as keyword arguments named by key")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of random inputs (default {DEFAULT_SEED})")
     p.add_argument("--target", "-t", action="append", type=_target_type, metavar="T", required=True,
-                   help="backend:dtype, e.g. eager:fp16, autocast:bf16, strict:fp16, inductor:fp16, tensorrt:fp16 (repeatable)")
+                   help="backend:dtype, e.g. eager:fp16, autocast:bf16, strict:fp16 (Torch-TensorRT), "
+                        "strict-onnx:fp16 (ONNX parser path), inductor:fp16, tensorrt:fp16 (repeatable)")
     p.add_argument("--reference", choices=("fp32", "fp64"), default="fp32", help="reference precision (default fp32)")
     p.add_argument("--tol", type=_tol_type, default=None,
                    help="bound on --metric for the final output and each module's local error "
