@@ -7,7 +7,7 @@ from torchprobe.kinds import Reason
 
 transformers = pytest.importorskip("transformers")
 
-ONNX_PATH = "strict:fp16"  # the target that decomposes layer_norm into FP16 primitives
+ONNX_PATH = "strict-onnx:fp16"  # the target that decomposes layer_norm into FP16 primitives
 LN = "convnext.encoder.stages.1.layers.0.layernorm"
 BLOCK = "convnext.encoder.stages.1.layers.0"
 

@@ -23,7 +23,7 @@ from conftest import assert_unchanged, snapshot
 
 # The ONNX (opset < 17) -> TensorRT path: layer_norm decomposed into FP16 primitives.
 # At merge this becomes "strict-onnx:fp16" (the `strict` backend turns into the Torch-TensorRT profile).
-ONNX_PATH = "strict:fp16"
+ONNX_PATH = "strict-onnx:fp16"  # the target that decomposes layer_norm into FP16 primitives
 # Normalization computed in FP32: PyTorch's own FP16 layer_norm accumulates in FP32.
 FP32_NORM = "eager:fp16"
 

@@ -496,7 +496,7 @@ def test_cuda_sampled_step_does_not_sync():
 
 # The ONNX (opset < 17) -> TensorRT path (layer_norm decomposed into FP16 primitives); at merge this
 # becomes "strict-onnx:fp16".
-ONNX_PATH = "strict:fp16"
+ONNX_PATH = "strict-onnx:fp16"  # the target that decomposes layer_norm into FP16 primitives
 
 
 class GrowingNorm(nn.Module):

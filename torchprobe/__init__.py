@@ -17,6 +17,7 @@ from .errors import DumpError, InvalidArgument, NonFiniteReference, TorchprobeEr
 from .io.onnx import export_onnx, onnx_names
 from .kinds import ErrorKind, Reason, Risk
 from .localize import report
+from .explain import Explanation, explain
 from .metrics import ErrorMetrics, Metric, get_metric, measure
 from .results import Culprit, Fix, Isolation, Report
 from .search import bisect, isolate
@@ -32,6 +33,7 @@ from .targets.plan import keep_fp32
 __all__ = [
     "record", "Recording", "Row", "TensorStats",
     "report", "Report", "Culprit",
+    "explain", "Explanation",
     "isolate", "Isolation", "bisect", "Fix",
     "margin", "Margins", "Margin",
     "check_weights", "WeightReport",

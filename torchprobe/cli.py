@@ -318,6 +318,29 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return rep.exit_code
 
 
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from .explain import explain
+    from .render.explain import explain_text
+    from .targets import model_device
+
+    factory = load_factory(args.model)
+    model, inputs = call_factory(args.model, factory)
+    if args.input:
+        inputs = build_inputs(args.input, seed=args.seed, kwargs_from_safetensors=args.input_kwargs)
+    elif inputs is None:
+        raise InvalidArgument(f"{args.model}() returned a model without inputs; pass --input, e.g. --input 2x16")
+    if args.device is not None:
+        model = model.to(args.device)  # the command's own model, built by the factory above
+    inputs = _to_device(inputs, args.device or model_device(model))
+    ex = explain(model, inputs, target=str(args.target), keep_fp32=args.keep_fp32 or (), norm_fp32=not args.fp16_norms)
+    if args.quiet:
+        print(f"{ex.target}: {len(ex.risks)} op(s) may overflow" +
+              "".join(f"\n  {o.module} {o.op}: {o.risk}" for o in ex.risks))
+    else:
+        print(explain_text(ex, shape_ops=args.all))
+    return EXIT_DIVERGES if ex.risks else EXIT_OK
+
+
 def _summary(rep: Any) -> str:
     """One line per target (for --quiet): verdict, final error against tol, top culprits."""
     from .render.text import summary_lines
@@ -555,7 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pass the tensors of .safetensors inputs as keyword arguments named by key")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of random inputs (default {DEFAULT_SEED})")
     p.add_argument("--target", "-t", action="append", type=_target_type, metavar="T", required=True,
-                   help="backend:dtype, e.g. eager:fp16, autocast:bf16, strict:fp16, inductor:fp16, tensorrt:fp16 (repeatable)")
+                   help="backend:dtype, e.g. eager:fp16, autocast:bf16, strict:fp16 (Torch-TensorRT), "
+                        "strict-onnx:fp16 (ONNX parser path), inductor:fp16, tensorrt:fp16 (repeatable)")
     p.add_argument("--reference", choices=("fp32", "fp64"), default="fp32", help="reference precision (default fp32)")
     p.add_argument("--tol", type=_tol_type, default=None,
                    help="bound on --metric for the final output and each module's local error "
@@ -571,6 +595,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margins", action="store_true", help="also measure each leaf's growth margin under every target (a column, JSON, HTML)")
     p.add_argument("-q", "--quiet", action="store_true", help="print one verdict line per target; no progress bars")
     p.set_defaults(run=_cmd_report)
+
+    p = sub.add_parser("explain", parents=[common], formatter_class=fmt, epilog=_REPORT_EPILOG + "\n" + _EPILOG,
+                       help="list the ops each module becomes in an engine, their dtypes and rules",
+                       description="Export the factory's model cast to the target dtype, lower it as the target's\n"
+                                   "engine does and list per module the ops that reach the engine: dtype, the rule\n"
+                                   "that computes each, its FP32 value and whether it may overflow.")
+    p.add_argument("model", metavar="MODULE:FACTORY", help="where to get the model, e.g. models.py:build")
+    p.add_argument("--input", "-i", action="append", type=_input_type, metavar="SPEC", default=[],
+                   help="a shape[:dtype[:n]] of random values or a .safetensors/.pt file (repeatable; see below)")
+    p.add_argument("--input-kwargs", action="store_true",
+                   help="pass the tensors of .safetensors inputs as keyword arguments named by key")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of random inputs (default {DEFAULT_SEED})")
+    p.add_argument("--target", "-t", type=_target_type, metavar="T", default="strict:fp16",
+                   help="strict:fp16 (default; Torch-TensorRT), strict-onnx:fp16 (ONNX parser), or bf16")
+    p.add_argument("--keep-fp32", action="append", metavar="NAME", default=None,
+                   help="a module kept in FP32, as a fix would (repeatable)")
+    p.add_argument("--fp16-norms", action="store_true",
+                   help="read normalization layers as computed in the dtype (the pessimistic reading)")
+    p.add_argument("--all", action="store_true", help="also list ops without arithmetic (views, copies, indexing)")
+    p.add_argument("--device", type=_device_type, default=None,
+                   help="move the model and inputs there (default: where the factory put the model)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the ops that may overflow")
+    p.set_defaults(run=_cmd_explain)
 
     p = sub.add_parser("compare", parents=[common], formatter_class=fmt, epilog=_EPILOG,
                        help="compare two activation dumps key by key",

@@ -13,6 +13,18 @@ from torchprobe.targets.plan import keep_fp32  # picklable hooks: the model surv
 """
 
 
+_ONNX_SNIPPET = """
+# The ONNX -> TensorRT parser path: export the model cast to {dtype} with the kept modules in FP32
+# (their Casts are in the graph), then build strongly typed so TensorRT keeps those types:
+#     trtexec --onnx=model.onnx --stronglyTyped --saveEngine=model.plan
+# If the kept modules are LayerNorms, an export at opset_version >= 17 alone may do: LayerNormalization
+# becomes one normalization layer computed in FP32.
+KEEP_FP32 = {keep!r}
+model = keep_fp32(model, KEEP_FP32, dtype={dtype})  # in place: the rest cast to {dtype}
+torch.onnx.export(model, tuple(x.to({dtype}) for x in inputs), "model.onnx", opset_version=17, dynamo=False)
+"""
+
+
 def _header(fix: "Fix") -> str:
     return (f"# torchprobe fix for {fix.target}: keep {len(fix.keep_fp32)} module(s) in FP32\n"
             f"# measured: final {fix.metric} {fix.error_before:.3g} -> {fix.error_after:.3g} (tol {fix.tol:.3g}), "
@@ -31,6 +43,8 @@ def fix_snippet(fix: "Fix", target: str | None = None) -> str:
         from ..targets.tensorrt import tensorrt_snippet
 
         return _header(fix) + tensorrt_snippet(keep, parse_target(fix.target).dtype)
+    if spec.backend == "strict-onnx":
+        return _header(fix) + _KEEP_FP32_HELPER + _ONNX_SNIPPET.format(keep=keep, dtype=torch_dtype)
     if spec.backend == "autocast":
         return _header(fix) + _KEEP_FP32_HELPER + (
             f"\nKEEP_FP32 = {keep!r}\n"
