@@ -21,7 +21,7 @@ from .results import Culprit, Fix, Isolation, Report
 from .search import bisect, isolate
 from .weights import WeightReport, check_weights
 from .monitor import HeadroomTrendWarning, HeadroomWarning, LowHeadroomWarning, Monitor, MonitorHistory
-from . import targets
+from . import distributed, targets
 from .stats import TensorStats
 from .targets import PrecisionPlan, Target, parse_target
 
@@ -35,7 +35,7 @@ __all__ = [
     "export_onnx", "onnx_names",
     "measure", "ErrorMetrics", "Metric", "get_metric",
     "ErrorKind", "Reason", "Risk",
-    "PrecisionPlan", "Target", "parse_target", "targets",
+    "PrecisionPlan", "Target", "parse_target", "targets", "distributed",
     "TorchprobeError", "InvalidArgument", "UnsupportedTarget", "DumpError", "NonFiniteReference",
     "__version__",
 ]

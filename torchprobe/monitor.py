@@ -62,6 +62,7 @@ from tabulate import tabulate
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from . import distributed as _distributed
 from .atomic import write_text
 from .errors import InvalidArgument
 from .names import name_filter
@@ -355,7 +356,14 @@ class Monitor:
         headroom_bits: float = 2.0,
         grads: bool = False,
         trend_window: int = 5,
+        group: Any = None,
+        rank: int | None = 0,
     ) -> None:
+        # torch.distributed: each sample is merged over ``group`` (default: the world; False: this
+        # rank) when it is finalized, at step()/close(), which every rank must call alike; warnings
+        # and save() happen on rank ``rank`` only (None: every rank).
+        self._group = _distributed.resolve_group(group)
+        self._writer = _distributed.is_writer(rank, self._group)
         if not isinstance(model, nn.Module):
             raise InvalidArgument(f"model= must be a torch.nn.Module; got {type(model).__name__}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -445,6 +453,8 @@ class Monitor:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write ``history`` as JSON, atomically (a temporary file in the same folder, then replace)."""
+        if not self._writer:
+            return
         write_text(path, json.dumps(self.history.to_dict(), allow_nan=False, separators=(",", ":")) + "\n")
 
     @staticmethod
@@ -532,6 +542,8 @@ class Monitor:
             sampling.open = False
             self._sampling = None
             sampling.hooks.close()
+        if self._group is not None:
+            sampling.host = _distributed.merge_monitor(sampling.host, len(self._targets), self._group, _Acc, _GradAcc)
         for index, acc in sampling.host.items():
             self._samples[index].append(_sample(sampling.step, acc))
         if warn:
@@ -608,8 +620,9 @@ class Monitor:
         if (name, category.kind) in self._warned:
             return
         self._warned.add((name, category.kind))
-        warnings.warn(category(message, module=name, step=sample.step, absmax=sample.absmax,
-                               headroom=sample.headroom_bits), stacklevel=stacklevel + 1)
+        if self._writer:
+            warnings.warn(category(message, module=name, step=sample.step, absmax=sample.absmax,
+                                   headroom=sample.headroom_bits), stacklevel=stacklevel + 1)
 
 
 # --------------------------------------------------------------------------------------------------

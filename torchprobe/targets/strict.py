@@ -144,6 +144,10 @@ class StrictEvents:
         """Ops that produced Inf/NaN from finite inputs, in order of first call (one sync per device)."""
         by_device: dict[torch.device, list[tuple[str, Tensor, Tensor]]] = defaultdict(list)
         for (op, device), (count, peak) in self._acc.items():
+            if type(count) is not Tensor:  # a DTensor model: this rank's counts (torchprobe.distributed)
+                from ..distributed import local_view
+
+                count, peak = local_view(count)[0], local_view(peak)[0]
             by_device[device].append((op, count, peak))
         totals: dict[str, tuple[int, float]] = {op: (0, 0.0) for op, _ in self._acc}
         for rows in by_device.values():
