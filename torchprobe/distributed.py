@@ -334,10 +334,14 @@ def _mismatch(lists: list[list[str]], what: str) -> str:
         if other == first:
             continue
         i = next((i for i, (a, b) in enumerate(zip(first, other)) if a != b), min(len(first), len(other)))
-        a = first[i] if i < len(first) else "nothing (it stopped)"
-        b = other[i] if i < len(other) else "nothing (it stopped)"
-        return (f"{what}: ranks disagree on the modules they ran: at row {i}, rank 0 has {a!r} and rank {r} has "
-                f"{b!r} ({len(first)} vs {len(other)} rows); modules must run in the same order on every rank to "
+        a = first[i] if i < len(first) else None
+        b = other[i] if i < len(other) else None
+        if a is not None and b is not None and a.split("|")[0] == b.split("|")[0]:  # same key, other dtype
+            a, b = a.replace("|torch.", " in "), b.replace("|torch.", " in ")
+        else:
+            a, b = (repr(v.split("|")[0]) if v is not None else "nothing (it stopped)" for v in (a, b))
+        return (f"{what}: ranks disagree on the modules they ran: at row {i}, rank 0 has {a} and rank {r} has "
+                f"{b} ({len(first)} vs {len(other)} rows); modules must run in the same order on every rank to "
                 "merge their statistics (data-dependent control flow?): record with group=False for per-rank "
                 "statistics, or make the ranks take the same path")
     return f"{what}: ranks disagree on the modules they ran"
