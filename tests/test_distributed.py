@@ -652,6 +652,7 @@ def test_rank_dumps_carry_rank_and_world_size(world):
 
 
 def test_compare_merges_rank_dumps_like_one_process(world, tmp_path):
+    world["dumps"]
     out = world.out
     single = _single_process_dumps(tmp_path, dyadic_(MLP(), 1), ddp_batch(world.size), "one")
     merged = tp.compare(out / "ddp_fp32.safetensors", out / "ddp_fp16.safetensors")

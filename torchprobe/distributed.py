@@ -359,16 +359,13 @@ def merged_stats(entries: Sequence[tuple[torch.dtype, tuple[int, ...], Any]], ke
     dtype_keys = [f"{k}|{d}" for k, (d, _, _) in zip(keys, entries)]
     token = check_same_keys(dtype_keys, group, what)
     host = _host_vectors(entries)
-    payload = torch.zeros(len(entries), _PAYLOAD, dtype=torch.float64)
-    for i, ((_, shape, summary), vector) in enumerate(zip(entries, host)):
+    empty = [0.0] * _stats._VECTOR_LEN
+    rows = []
+    for (_, shape, summary), vector in zip(entries, host):
         lay = layout(summary) if (layout is not None and summary is not None) else None
-        local_numel = math.prod(shape) if lay is None else 0
-        payload[i, 0] = 1.0 if lay is None else lay.weight(group)
-        payload[i, 1] = local_numel
-        if vector is not None:
-            payload[i, 2] = 1.0
-            payload[i, 3:] = torch.tensor(vector, dtype=torch.float64)
-    merged = merge_vectors(_all_gather(payload, group)) if entries else []
+        weight = 1.0 if lay is None else float(lay.weight(group))
+        rows.append([weight, float(math.prod(shape)), 0.0 if vector is None else 1.0, *(empty if vector is None else vector)])
+    merged = merge_vectors(_all_gather(torch.tensor(rows, dtype=torch.float64), group)) if entries else []
     out = []
     for (dtype, shape, _), (numel, vector) in zip(entries, merged):
         if vector is None:
@@ -381,23 +378,18 @@ def merged_stats(entries: Sequence[tuple[torch.dtype, tuple[int, ...], Any]], ke
 def merge_vectors(gathered: Tensor) -> list[tuple[float, list[float] | None]]:
     """Merge ``[ranks, rows, 3 + 13]`` payloads (weight, local numel, has summary, summary) into
     one (numel, summary or None) per row: min of the minima and max of the maxima over the
-    summaries that hold a finite value, sums, sums of squares and bucket counts added."""
+    summaries that hold a finite value, sums, sums of squares and bucket counts added; a row
+    without any summary (an integer tensor) adds the numels."""
     w, numel, has, v = gathered[..., 0], gathered[..., 1], gathered[..., 2] > 0, gathered[..., 3:]
     use = has & (w > 0)
     finite = v[..., 5:12].sum(-1) > 0  # buckets 1..7 hold the finite values
     lo = torch.where(use & finite, v[..., 0], math.inf).amin(0)
     hi = torch.where(use & finite, v[..., 1], -math.inf).amax(0)
     rest = torch.where(use[..., None], v[..., 2:], 0.0).sum(0)
-    plain_numel = (w * numel).sum(0)
-    any_summary = use.any(0)
-    out = []
-    for i in range(gathered.shape[1]):
-        if bool(any_summary[i]):
-            vector = [float(lo[i]), float(hi[i]), *rest[i].tolist()]
-            out.append((sum(vector[4:]), vector))
-        else:
-            out.append((float(plain_numel[i]), None))
-    return out
+    merged = torch.cat([lo[:, None], hi[:, None], rest], dim=1).tolist()
+    plain_numel = (w * numel).sum(0).tolist()
+    return [(sum(vector[4:]), vector) if any_summary else (n, None)
+            for vector, n, any_summary in zip(merged, plain_numel, use.any(0).tolist())]
 
 
 def merge_error_vectors(vectors: Sequence[Sequence[float]]) -> list[float]:
