@@ -346,8 +346,21 @@ def sc_fsdp(ctx: Ctx) -> dict:
     with tp.record(model) as rec:
         model(x)
     sharded = sorted({type(p).__name__ for b in model.blocks for p in b.parameters()})
+    # the views report() copies: the same sharded parameters (gathered per module for its
+    # forward), or gathered whole once; both compute what the FSDP model computes
+    before = _registered(model)
+    view, whole = tp.distributed.copyable(model), tp.distributed.copyable(model, gather=True)
+    with torch.no_grad():
+        out, out_view, out_whole = model(x), view(x), whole(x)
+    view_params = {type(p).__name__ for p in view.parameters()}
+    whole_shapes = {n: tuple(p.shape) for n, p in whole.named_parameters()}
     return {"rows": _local_rows(rec), "block_param_types": sharded,
-            "gathered": gathered_stats(ctx, model, lambda: model(x), dim=0)}
+            "gathered": gathered_stats(ctx, model, lambda: model(x), dim=0),
+            "view_params": sorted(view_params), "whole_shapes": whole_shapes,
+            "whole_types": sorted({type(p).__name__ for p in whole.parameters()}),
+            "view_same": bool(torch.equal(out, out_view)), "whole_diff": float((out - out_whole).abs().max()),
+            "view_names": [n for n, _ in view.named_modules()], "names": [n for n, _ in model.named_modules()],
+            "unchanged": _same_registered(before, _registered(model))}
 
 
 def _culprits(rep) -> list[tuple[str, str, str]]:
@@ -362,6 +375,7 @@ def sc_ddp_culprit(ctx: Ctx) -> dict:
     alone = tp.report(ddp, x, targets=("strict:fp16",), group=False)
     table = tp.isolate(ddp, x, target="strict:fp16")
     fix = tp.bisect(ddp, x, target="strict:fp16")
+    rep.to_json(ctx.out / f"report_written_by_{ctx.rank}.json")
     return {"culprits": _culprits(rep), "alone": _culprits(alone), "ok": bool(rep),
             "root": row_dict(next(r for r in rep.rows if r.key == "(root)")),
             "isolate": [(r.key, r.error) for r in table.rows], "isolate_culprits": [r.module for r in table.culprits],
@@ -576,6 +590,11 @@ def test_fsdp2_rows_are_statistics_of_the_global_batch(world):
         assert_rows_match(res["rows"], reference, inexact=everything)
         assert_rows_match(res["rows"], results[0]["gathered"])  # exactly what the sharded run held
         assert len(res["rows"]) == len(reference)
+        # copyable(): the view keeps FSDP's shards (no gather), gather=True holds plain full tensors
+        assert res["view_params"] == ["DTensor"] and res["whole_types"] == ["Parameter"]
+        assert res["whole_shapes"] == {n: tuple(p.shape) for n, p in tiny().named_parameters()}
+        assert res["view_same"] and res["whole_diff"] < 1e-5 and res["view_names"] == res["names"]
+        assert res["unchanged"]
 
 
 def test_ranks_that_ran_different_modules_are_named(world):
@@ -599,6 +618,8 @@ def test_ddp_culprit_on_one_rank_is_found_on_every_rank(world):
         assert keep == ("module.norm",) and fixed and after < 1e-2 < before
     assert all(res["fix"] == results[0]["fix"] and res["isolate"] == results[0]["isolate"] for res in results)
     assert results[0]["alone"] == [] and results[-1]["alone"] == expected  # only the last rank holds the outlier
+    assert tp.Report.from_json(world.out / "report_written_by_0.json").culprits[0].module == "module.norm"
+    assert not any((world.out / f"report_written_by_{r}.json").exists() for r in range(1, world.size))
     reference = reference_rows(dyadic_(NormNet(), 4), culprit_batch(world.size), slices=world.size)
     assert_rows_match([results[0]["root"]], reference, _ddp_name)
 
