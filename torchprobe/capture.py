@@ -209,7 +209,11 @@ class Recording:
     # -- query side ------------------------------------------------------------------------
     @property
     def rows(self) -> list[Row]:
-        """One row per tensor leaf per module call, in the order the modules returned."""
+        """One row per tensor leaf per module call, in the order the modules returned.
+
+        With a process group (``record(group=...)`` under torch.distributed) the rows are merged
+        when the block exits; reading them earlier, inside the block, is a collective: every rank
+        of the group must read at the same point."""
         if self._rows is None:
             entries = [(p.dtype, p.shape, p.vector) for p in self._pending]
             if self.group is not None:  # collective: every rank of the group reads here

@@ -55,9 +55,10 @@ from .metrics import VECTOR_LEN as ERROR_VECTOR_LEN
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "RankMismatch", "resolve_group", "is_active", "rank", "world_size", "is_writer",
-    "LocalSummarizer", "summarizer", "merged_stats", "merge_error_vectors", "gather_objects",
-    "worst_over_ranks", "merge_items", "merge_failures", "all_max", "merge_monitor", "agree", "copyable", "is_fsdp", "rank_path", "local_tensors",
+    "RankMismatch", "resolve_group", "rank", "world_size", "is_writer", "local_view", "local_pair",
+    "LocalSummarizer", "summarizer", "merged_stats", "merge_error_vectors", "gather_objects", "worst_over_ranks",
+    "merge_items", "merge_failures", "all_max", "merge_monitor", "agree", "copyable", "is_fsdp", "rank_path",
+    "local_tensors",
 ]
 
 
@@ -100,10 +101,6 @@ def resolve_group(group: Any = None, argument: str = "group") -> Any:
         raise InvalidArgument(f"{argument}=: rank {dist.get_rank()} is not a member of this process group "
                               f"(ranks {dist.get_process_group_ranks(group)})")
     return group
-
-
-def is_active(group: Any) -> bool:
-    return group is not None
 
 
 def rank(group: Any = None) -> int:
@@ -586,7 +583,7 @@ def _fsdp_params(model: nn.Module) -> dict[int, dict[str, Tensor]]:
 def copyable(model: nn.Module, gather: bool = False) -> nn.Module:
     """``model`` itself when it can be deep-copied; for an FSDP2 model, a plain module tree
     with the same names, classes, buffers and non-FSDP hooks whose parameters are FSDP's sharded
-    DTensors (shared, not copied). ``gather=False``: each module gathers its own parameters
+    DTensors (shared, not copied; buffers are copies). ``gather=False``: each module gathers its own parameters
     for its forward (:class:`GatherShards`), so copies of the view stay sharded; ``gather=True``:
     every parameter is gathered once into a plain tensor (the whole model on every rank). The
     user's model is not changed (FSDP's registered parameters and hooks stay as they are).
@@ -634,7 +631,7 @@ def copyable(model: nn.Module, gather: bool = False) -> nn.Module:
                         p = nn.Parameter(_plain_local(p.full_tensor()), requires_grad=p.requires_grad)
             params[name] = p
         state["_parameters"] = params
-        state["_buffers"] = dict(m._buffers)
+        state["_buffers"] = {k: (None if b is None else b.clone()) for k, b in m._buffers.items()}  # BN stats stay the user's
         state["_modules"] = {k: (None if c is None else view(c)) for k, c in m._modules.items()}
         new.__dict__.update(state)
         if sharded and not gather:

@@ -502,6 +502,8 @@ class Monitor:
             for leaf in _tensor_leaves(output):
                 if not _measurable(leaf):
                     continue
+                if type(leaf) is not Tensor:  # DTensor and co.: this rank's values (a DTensor's numel is global)
+                    leaf = _distributed.local_view(leaf)[0]
                 sampling.records.append(_Record(index, False, leaf.numel(), _output_stats(leaf.detach())))
                 if grads and leaf.requires_grad:
                     sampling.hooks.enter_context(leaf.register_hook(_grad_hook(index, sampling)))
