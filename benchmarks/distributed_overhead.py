@@ -98,7 +98,9 @@ def _run(names: list[str], reps: int, warmup: int, distributed: bool) -> dict[st
 
 def _worker(rank: int, world: int, port: int, names: list[str], reps: int, warmup: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    loopback = [name for _, name in socket.if_nameindex() if name in ("lo", "lo0")]
+    if loopback:  # gloo's own connections stay on 127.0.0.1 too
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback[0])
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
     try:

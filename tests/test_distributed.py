@@ -428,6 +428,15 @@ def sc_mismatch(ctx: Ctx) -> dict:
     return {"error": None, "rows": _local_rows(rec)}
 
 
+def sc_subgroup(ctx: Ctx) -> dict:
+    """Ranks in pairs (0, 1), (2, 3): record(group=pair) merges over the pair only."""
+    pairs = [torch.distributed.new_group([r, r + 1]) for r in range(0, ctx.world, 2)]  # every rank creates every group
+    net = dyadic_(MLP(), 1).to(ctx.device)
+    with tp.record(net, group=pairs[ctx.rank // 2]) as rec:
+        net(ctx.share(ddp_batch(ctx.world)))
+    return {"rows": _local_rows(rec)}
+
+
 def sc_dumps(ctx: Ctx) -> dict:
     d = ctx.out
     net = dyadic_(MLP(), 1).to(ctx.device)
@@ -463,14 +472,15 @@ def sc_monitor(ctx: Ctx) -> dict:
 SCENARIOS = {
     2: ("ddp", "tp_mlp", "tp_attention", "fsdp", "ddp_culprit", "tp_culprit", "fsdp_culprit", "mismatch", "dumps",
         "monitor"),
-    4: ("ddp", "tp_mlp", "tp_attention", "fsdp", "ddp_culprit", "fsdp_culprit"),
+    4: ("ddp", "tp_mlp", "tp_attention", "fsdp", "ddp_culprit", "fsdp_culprit", "subgroup"),
 }
 
 
 def _worker(rank: int, world: int, port: int, backend: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if backend == "gloo":
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    loopback = [name for _, name in socket.if_nameindex() if name in ("lo", "lo0")]
+    if backend == "gloo" and loopback:  # gloo's own connections stay on 127.0.0.1 too
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback[0])
     if backend == "nccl":
         torch.cuda.set_device(rank)
     torch.set_num_threads(1)
@@ -595,6 +605,14 @@ def test_fsdp2_rows_are_statistics_of_the_global_batch(world):
         assert res["whole_shapes"] == {n: tuple(p.shape) for n, p in tiny().named_parameters()}
         assert res["view_same"] and res["whole_diff"] < 1e-5 and res["view_names"] == res["names"]
         assert res["unchanged"]
+
+
+def test_a_subgroup_merges_its_own_ranks_only(world):
+    results = world["subgroup"]
+    x = ddp_batch(world.size)
+    for r, res in enumerate(results):
+        pair = torch.cat(x.chunk(world.size)[r // 2 * 2: r // 2 * 2 + 2])
+        assert_rows_match(res["rows"], reference_rows(dyadic_(MLP(), 1), pair))
 
 
 def test_ranks_that_ran_different_modules_are_named(world):
