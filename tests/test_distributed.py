@@ -17,7 +17,6 @@ One spawn per world size runs every scenario; the tests read its results. With
 from __future__ import annotations
 
 import datetime
-import math
 import os
 import pickle
 import socket

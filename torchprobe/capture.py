@@ -26,7 +26,7 @@ from .errors import InvalidArgument
 from .formats import HEAVY_UNDERFLOW, LOW_HEADROOM_BITS
 from .kinds import Risk as RiskKind
 from .names import CallKey, Patterns, has_forward, module_names, name_filter
-from .stats import Summarizer, TensorStats
+from .stats import TensorStats
 from .targets import build
 from .tree import as_call, leaf_key, map_tensors, named_leaves, replay_copy
 
