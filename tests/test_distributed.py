@@ -65,7 +65,7 @@ class MLP(nn.Module):
 
 
 class NormNet(nn.Module):
-    """fc1 -> LayerNorm -> fc2: under strict:fp16 the norm's (x - mean)^2 overflows once its input
+    """fc1 -> LayerNorm -> fc2: under strict-onnx:fp16 the norm's (x - mean)^2 overflows once its input
     passes ~256, while its output stays small: keeping ``norm`` in FP32 fixes it."""
 
     def __init__(self) -> None:
@@ -370,10 +370,10 @@ def sc_ddp_culprit(ctx: Ctx) -> dict:
     net = dyadic_(NormNet(), 4).to(ctx.device)
     ddp = nn.parallel.DistributedDataParallel(net)
     x = ctx.share(culprit_batch(ctx.world))
-    rep = tp.report(ddp, x, targets=("strict:fp16",))
-    alone = tp.report(ddp, x, targets=("strict:fp16",), group=False)
-    table = tp.isolate(ddp, x, target="strict:fp16")
-    fix = tp.bisect(ddp, x, target="strict:fp16")
+    rep = tp.report(ddp, x, targets=("strict-onnx:fp16",))
+    alone = tp.report(ddp, x, targets=("strict-onnx:fp16",), group=False)
+    table = tp.isolate(ddp, x, target="strict-onnx:fp16")
+    fix = tp.bisect(ddp, x, target="strict-onnx:fp16")
     rep.to_json(ctx.out / f"report_written_by_{ctx.rank}.json")
     return {"culprits": _culprits(rep), "alone": _culprits(alone), "ok": bool(rep),
             "root": row_dict(next(r for r in rep.rows if r.key == "(root)")),
@@ -390,7 +390,7 @@ def sc_tp_culprit(ctx: Ctx) -> dict:
             net.fc1.bias.to_local().mul_(2.0**15)
     x = dyadic_inputs((6, 16), 22).to(ctx.device)
     before = {n: p.to_local().clone() for n, p in net.named_parameters()}
-    rep = tp.report(net, x, targets=("eager:fp16", "strict:fp16"))
+    rep = tp.report(net, x, targets=("eager:fp16", "strict-onnx:fp16"))
     alone = tp.report(net, x, targets=("eager:fp16",), group=False)
     table = tp.isolate(net, x, target="eager:fp16")
     unchanged = all(torch.equal(before[n], p.to_local()) for n, p in net.named_parameters())
@@ -404,9 +404,9 @@ def sc_fsdp_culprit(ctx: Ctx) -> dict:
     with torch.no_grad():
         model(x)  # FSDP's root keeps its parameters unsharded after a forward: the usual state
     before = _registered(model)
-    rep = tp.report(model, x, targets=("strict:fp16",))
-    alone = tp.report(model, x, targets=("strict:fp16",), group=False)
-    fix = tp.bisect(model, x, target="strict:fp16", candidates=[c.module for c in rep.culprits] or None)
+    rep = tp.report(model, x, targets=("strict-onnx:fp16",))
+    alone = tp.report(model, x, targets=("strict-onnx:fp16",), group=False)
+    fix = tp.bisect(model, x, target="strict-onnx:fp16", candidates=[c.module for c in rep.culprits] or None)
     return {"culprits": _culprits(rep), "alone": _culprits(alone), "ok": bool(rep),
             "fix": (fix.keep_fp32, bool(fix), fix.error_before, fix.error_after, fix.evaluations),
             "unchanged": _same_registered(before, _registered(model))}
@@ -626,7 +626,7 @@ def test_ranks_that_ran_different_modules_are_named(world):
 
 def test_ddp_culprit_on_one_rank_is_found_on_every_rank(world):
     results = world["ddp_culprit"]
-    expected = [("module.norm", "strict:fp16", "overflow")]
+    expected = [("module.norm", "strict-onnx:fp16", "overflow")]
     for res in results:
         assert res["culprits"] == expected
         assert not res["ok"]
@@ -657,7 +657,7 @@ def test_tensor_parallel_culprit_in_one_shard_is_found_on_every_rank(world):
 def test_fsdp2_culprit_on_one_rank_is_found_and_fixed_on_every_rank(world):
     results = world["fsdp_culprit"]
     for res in results:
-        assert ("norm", "strict:fp16", "overflow") in res["culprits"] and not res["ok"]
+        assert ("norm", "strict-onnx:fp16", "overflow") in res["culprits"] and not res["ok"]
         keep, fixed, before, after, _ = res["fix"]
         assert fixed and "norm" in keep and after < 1e-2 < before
         assert res["culprits"] == results[0]["culprits"] and res["fix"] == results[0]["fix"]

@@ -182,6 +182,10 @@ class StrictEvents:
         for _, inputs, output in self._calls:
             refs = []
             for t in (*inputs, *output):
+                if type(t) is not Tensor:  # a DTensor model: this rank's values (torchprobe.distributed)
+                    from ..distributed import local_view
+
+                    t = local_view(t)[0]
                 group = groups[(t.device, t.dtype)]
                 refs.append(((t.device, t.dtype), len(group)))
                 group.append(t)
