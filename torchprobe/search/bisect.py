@@ -114,7 +114,7 @@ def bisect(
         ref_out = ref(*a, **k)
         evaluate = Evaluator(model, args, kwargs, parsed, m, t_tol, ref_out, group)
         try:
-            require_finite(ref_out, str(ref.target), group)
+            require_finite(ref_out, str(reference), group)
         except NonFiniteReference as e:
             return Fix(target=str(parsed), metric=m.name, tol=t_tol, keep_fp32=(), error_before=math.nan,
                        error_after=math.nan, evaluations=0, compilations=0, candidates=(), log=(), verified=False,

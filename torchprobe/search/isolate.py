@@ -99,7 +99,7 @@ def isolate(
         while level:
             captured, output = capture_calls(ref, ref.module, set(level) | {ROOT}, args, kwargs)
             if passes_run == 0:
-                require_finite(output, str(ref.target), group)
+                require_finite(output, str(reference), group)
             passes_run += 1
             next_level: list[str] = []
             found = [_isolate_one(runner, item, cache, m.name, depth_of.get(item.call.name, 0))
