@@ -41,7 +41,6 @@ import logging
 import math
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -51,6 +50,7 @@ from torch import Tensor, nn
 from . import stats as _stats
 from .errors import InvalidArgument, TorchprobeError
 from .metrics import VECTOR_LEN as ERROR_VECTOR_LEN
+from .subclasses import Layout, local_pair, local_view  # noqa: F401 - local_pair, local_view: re-exported
 
 log = logging.getLogger(__name__)
 
@@ -151,31 +151,12 @@ def gather_objects(obj: Any, group: Any) -> list[Any]:
 
 # -- summaries of tensor subclasses -----------------------------------------------------------
 
-def _dtensor_type() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except Exception:  # noqa: BLE001 - no distributed build: no DTensor can exist
-        return None
-    return DTensor
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where a DTensor's local values sit: its mesh and placements (Partial already reduced)."""
-
-    mesh: Any
-    placements: tuple
-
-    def weight(self, group: Any) -> int:
-        """1 when this rank's local values count for the group, 0 when a lower rank of the group
-        holds the same values (a Replicate dimension)."""
-        return _weight(self, group)
-
-
 _weights: dict[tuple, tuple[Any, Any, int]] = {}
 
 
-def _weight(layout: Layout, group: Any) -> int:
+def layout_weight(layout: Layout, group: Any) -> int:
+    """1 when this rank's local values count for the group, 0 when a lower rank of the group holds
+    the same values (a Replicate dimension of the layout)."""
     dist = _dist()
     key = (id(layout.mesh), layout.placements, id(group))
     hit = _weights.get(key)
@@ -200,50 +181,6 @@ def _weight(layout: Layout, group: Any) -> int:
         weight = int(bool(holders) and me == min(holders))
     _weights[key] = (layout.mesh, group, weight)
     return weight
-
-
-def local_view(x: Tensor) -> tuple[Tensor, Layout | None]:
-    """A plain tensor holding this rank's values of ``x``, and the DTensor layout (None for a
-    plain tensor). A Partial DTensor is reduced first (a collective: every rank of its mesh
-    must get here); an AsyncCollectiveTensor is waited on; the result is never a subclass that
-    NumPy refuses."""
-    DTensor = _dtensor_type()
-    with torch.no_grad():
-        x = x.detach()
-        layout = None
-        if DTensor is not None and isinstance(x, DTensor):
-            placements = tuple(x.placements)
-            if any(p.is_partial() for p in placements):
-                from torch.distributed.tensor import Replicate
-
-                placements = tuple(Replicate() if p.is_partial() else p for p in placements)
-                x = x.redistribute(x.device_mesh, placements)
-            layout = Layout(x.device_mesh, placements)
-            x = x.to_local()
-        wait = getattr(x, "wait", None)
-        if type(x) is not Tensor and callable(wait) and hasattr(x, "elem"):  # AsyncCollectiveTensor
-            x = wait()
-        return x, layout
-
-
-def local_pair(ref: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
-    """This rank's values of a (reference, test) pair, laid out alike, as plain tensors: a test
-    DTensor is redistributed to the reference's placements; a DTensor paired with a plain tensor
-    is gathered whole (``full_tensor()``, a collective)."""
-    DTensor = _dtensor_type()
-    r_is, t_is = (DTensor is not None and isinstance(ref, DTensor)), (DTensor is not None and isinstance(test, DTensor))
-    with torch.no_grad():
-        if r_is and t_is:
-            ref, layout = local_view(ref)
-            test = test.detach()
-            if tuple(test.placements) != layout.placements or test.device_mesh != layout.mesh:
-                test = test.redistribute(layout.mesh, layout.placements)
-            return ref, local_view(test)[0]
-        if r_is:
-            ref = ref.detach().full_tensor()
-        if t_is:
-            test = test.detach().full_tensor()
-        return local_view(ref)[0], local_view(test)[0]
 
 
 class LocalSummarizer:
@@ -360,7 +297,7 @@ def merged_stats(entries: Sequence[tuple[torch.dtype, tuple[int, ...], Any]], ke
     rows = []
     for (_, shape, summary), vector in zip(entries, host):
         lay = layout(summary) if (layout is not None and summary is not None) else None
-        weight = 1.0 if lay is None else float(lay.weight(group))
+        weight = 1.0 if lay is None else float(layout_weight(lay, group))
         rows.append([weight, float(math.prod(shape)), 0.0 if vector is None else 1.0, *(empty if vector is None else vector)])
     merged = merge_vectors(_all_gather(torch.tensor(rows, dtype=torch.float64), group)) if entries else []
     out = []
@@ -670,6 +607,6 @@ def local_tensors(tensors: dict[str, Tensor], group: Any) -> tuple[dict[str, Ten
         local[key] = plain
         if lay is not None:
             shapes[key] = list(t.shape)
-            if lay.weight(group) == 0:
+            if layout_weight(lay, group) == 0:
                 replicas.append(key)
     return local, {"replicas": replicas, "global_shapes": shapes}

@@ -1,12 +1,7 @@
 """Text for :class:`~torchprobe.explain.Explanation`: one table per module, risks first in the summary."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from tabulate import tabulate
-
-if TYPE_CHECKING:
-    from ..explain import ExplainedOp, Explanation
 
 
 def _num(x: float | None) -> str:

@@ -151,7 +151,7 @@ class StrictEvents:
         by_device: dict[torch.device, list[tuple[str, Tensor, Tensor]]] = defaultdict(list)
         for (op, device), (count, peak) in self._acc.items():
             if type(count) is not Tensor:  # a DTensor model: this rank's counts (torchprobe.distributed)
-                from ..distributed import local_view
+                from ..subclasses import local_view
 
                 count, peak = local_view(count)[0], local_view(peak)[0]
             by_device[device].append((op, count, peak))
@@ -183,7 +183,7 @@ class StrictEvents:
             refs = []
             for t in (*inputs, *output):
                 if type(t) is not Tensor:  # a DTensor model: this rank's values (torchprobe.distributed)
-                    from ..distributed import local_view
+                    from ..subclasses import local_view
 
                     t = local_view(t)[0]
                 group = groups[(t.device, t.dtype)]
