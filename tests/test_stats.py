@@ -47,6 +47,21 @@ def special_tensor(dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype)
 
 
+def _relu_like(g: torch.Generator) -> torch.Tensor:
+    x = torch.relu(torch.randn(150_001, generator=g, dtype=torch.float64))
+    x[1000:1040] = torch.logspace(-45, -3, 40, dtype=torch.float64)
+    x[70_000:70_005] = torch.tensor([7e4, 1e5, 65504.0, 65505.0, 2e5], dtype=torch.float64)
+    x[140_000], x[140_001] = math.nan, math.inf
+    return x
+
+
+def _spread(g: torch.Generator) -> torch.Tensor:
+    x = torch.randn(200_003, generator=g, dtype=torch.float64) * 3
+    x[5], x[66_000], x[131_100] = 1e-7, -3e-6, 0.0
+    x[199_999] = -8e4
+    return x
+
+
 def case(name: str, dtype: torch.dtype) -> torch.Tensor:
     nan, inf = math.nan, math.inf
     g = torch.Generator().manual_seed(2)
@@ -65,12 +80,17 @@ def case(name: str, dtype: torch.dtype) -> torch.Tensor:
         # large enough for the host path's torch sums (above its NumPy float64 cut-off)
         "large-with-nan": lambda: torch.cat([torch.rand(20000, generator=g, dtype=torch.float64) + 1.0,
                                             torch.full((5,), nan, dtype=torch.float64)]),
+        # several chunks of the host counting walk: mostly zeros (a ReLU output) with tiny values
+        # in every sub-range, values beyond FP16 and a NaN/Inf in different chunks
+        "relu-like": lambda: _relu_like(g),
+        # several chunks, few values near zero: the gathering branch of the walk
+        "spread": lambda: _spread(g),
     }[name]()
     return values.to(dtype)
 
 
 CASES = ["special", "all-nan", "all-inf", "nan-and-inf", "positive-with-nan", "negative-with-inf", "one-finite",
-         "zeros-and-nan", "large-with-nan"]
+         "zeros-and-nan", "large-with-nan", "relu-like", "spread"]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
@@ -180,13 +200,39 @@ def test_integer_and_empty_tensors_get_no_float_stats():
         assert all(getattr(e, f) is None for f in (*FLOAT_FIELDS, *COUNT_FIELDS))
 
 
-def test_summaries_stay_on_device_until_read():
-    summarize = Summarizer()
+def test_summaries_are_read_later_in_one_step():
     xs = [torch.randn(100) * i for i in range(1, 5)]
-    vectors = [summarize(x) for x in xs]
-    assert all(isinstance(v, torch.Tensor) and v.dtype == torch.float64 for v in vectors)
-    stats = read([(x.dtype, tuple(x.shape), v) for x, v in zip(xs, vectors)])
-    assert [s.absmax for s in stats] == pytest.approx([float(x.abs().max()) for x in xs])
+    host = [Summarizer()(x) for x in xs]  # the CPU path reads as it goes: host lists
+    eager = [Summarizer(fused=False)(x) for x in xs]  # the branch-free path stays on the device
+    assert all(type(v) is list and len(v) == 13 for v in host)
+    assert all(isinstance(v, torch.Tensor) and v.dtype == torch.float64 for v in eager)
+    for vectors in (host, eager, [v for pair in zip(host, eager) for v in pair][::2]):
+        stats = read([(x.dtype, tuple(x.shape), v) for x, v in zip(xs, vectors)])
+        assert [s.absmax for s in stats] == pytest.approx([float(x.abs().max()) for x in xs])
+
+
+@pytest.mark.parametrize("fused", [None, False], ids=["host", "branch-free"])
+def test_strided_tensors_are_read_where_they_lie(fused):
+    """Dense non-contiguous tensors (channels-last, permuted) are read in place, others copied;
+    the statistics are those of the same values contiguous."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(4, 6, 10, 12, generator=g) * 100
+    base[0, 0, 0, :3] = torch.tensor([math.nan, 1e-30, 7e4])
+    views = {
+        "channels-last": base.contiguous(memory_format=torch.channels_last),
+        "permuted": base.permute(2, 0, 3, 1),
+        "transposed": base.transpose(1, 3),
+        "strided slice": base[:, ::2],
+        "expanded": base[:1, :1].expand(3, 2, 10, 12),
+        "offset": base.reshape(-1)[7:7 + 2000],
+    }
+    summarize = Summarizer(fused)
+    for name, v in views.items():
+        s = read([(v.dtype, tuple(v.shape), summarize(v))])[0]
+        try:
+            assert_matches(s, v.contiguous())
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from e
 
 
 def test_all_nonfinite_tensor_has_undefined_statistics_not_zero_absmax_and_infinite_headroom():

@@ -29,6 +29,7 @@ Definitions (``a = |x|``):
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -94,52 +95,113 @@ def _summary(x: Tensor, edges: Tensor) -> Tensor:
     return torch.cat([head, counts])
 
 
-_HOST_SMALL = 1 << 14
+_CHUNK = 1 << 16  # elements per step of the host counting loop (fits the L2 with its scratch)
+_DOT_CHUNK = 1 << 16  # elements per float32 dot product (one over 1M elements drifts by 2e-6)
 _host_edges: dict[torch.dtype, np.ndarray] = {}
+_scratch = threading.local()
 
 
-def _summary_host(x: Tensor) -> Tensor:
-    """The vector of :func:`_summary` for a CPU tensor. A read costs nothing on the CPU, so the
-    scalars are read as they come and the passes that cannot count anything are skipped; counting
-    goes through NumPy, whose comparisons and ``count_nonzero`` are several times faster there,
-    and small tensors are summed in float64 by NumPy (fewer calls: per-call overhead dominates)."""
-    wide = x if x.dtype == torch.float64 else x.float()
-    a = wide.numpy()
+def _buffers(dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """This thread's reusable scratch for one chunk: |x|, and two masks (no allocation per tensor:
+    fresh large temporaries cost page faults, and their churn slowed the model's own kernels)."""
+    key = np.dtype(dtype).char
+    bufs = getattr(_scratch, key, None)
+    if bufs is None:
+        bufs = (np.empty(_CHUNK, dtype=dtype), np.empty(_CHUNK, dtype=bool), np.empty(_CHUNK, dtype=bool))
+        setattr(_scratch, key, bufs)
+    return bufs
+
+
+def _host_sumsq(x: Tensor) -> float:
+    """Sum of squares of a 1-D CPU tensor, accumulated in float64 over float32 dot products of at
+    most 65536 elements each (torch's dot runs on the forward's own threads; NumPy's ``dot``
+    would wake OpenBLAS's thread pool, whose spinning workers then slow the model's kernels)."""
+    if x.numel() <= _DOT_CHUNK:
+        return float(torch.dot(x, x))
+    return math.fsum(float(torch.dot(c, c)) for c in x.split(_DOT_CHUNK))
+
+
+def _host_counts(a: np.ndarray, lo: float, hi: float, counts: list[int]) -> None:
+    """Bucket counts 1..7 of a finite 1-D array (non-finite values already replaced by 0 and
+    counted in ``counts[0]``/``counts[8]``; they are taken back out of the zeros here).
+
+    One walk over the array in L2-sized chunks; each chunk is read by at most four cheap NumPy
+    passes (|x|, one comparison, a count, and a gather of the few values below the FP16 normal
+    range); the passes that cannot count anything, given min and max, are skipped."""
     n = a.size
-    lo, hi = float(a.min()), float(a.max())  # NaN propagates: both finite means no NaN and no Inf
-    nan = inf = 0
+    replaced = counts[0] + counts[8]  # non-finite values, set to 0 in ``a``
+    if lo > hi:  # no finite value at all
+        return
+    beyond = 0
+    tiny: list[np.ndarray] = []
+    big = max(-lo, hi)
+    near_zero = lo < FP16_MIN_NORMAL and hi > -FP16_MIN_NORMAL  # some finite |x| may be below 2**-14
+    zeros = 0 if near_zero else replaced  # the walk counts every zero; else the replaced ones are all
+    if near_zero or big > FP16_MAX:
+        mag, below, other = _buffers(a.dtype)
+        signless = lo >= 0
+        for i in range(0, n, _CHUNK):
+            c = a[i:i + _CHUNK]
+            k = c.size
+            m = c if signless else np.abs(c, out=mag[:k])
+            if big > FP16_MAX:
+                beyond += int(np.count_nonzero(np.greater(m, FP16_MAX, out=other[:k])))
+            if not near_zero:
+                continue
+            b = np.less(m, FP16_MIN_NORMAL, out=below[:k])
+            nb = int(np.count_nonzero(b))
+            if not nb:
+                continue
+            if nb * 8 <= k:  # few: gather them
+                sub = m[b]
+                z = nb - int(np.count_nonzero(sub))
+                zeros += z
+                if nb > z:
+                    tiny.append(sub[sub > 0])
+            else:  # many (mostly zeros, e.g. after a ReLU): count the zeros, gather only the rest
+                z = int(np.count_nonzero(np.equal(m, 0, out=other[:k])))
+                zeros += z
+                if nb > z:
+                    np.logical_and(b, np.greater(m, 0, out=other[:k]), out=other[:k])
+                    tiny.append(m[other[:k]])
+    counts[1] = zeros - replaced
+    counts[7] = beyond
+    if tiny:
+        values = np.concatenate(tiny)
+        edges = _host_edges.get(a.dtype)
+        if edges is None:
+            dtype = torch.float64 if a.dtype == np.float64 else torch.float32
+            edges = _host_edges[a.dtype] = _edges(dtype, torch.device("cpu")).numpy()
+        for i, c in enumerate(np.bincount(np.searchsorted(edges, values, side="right"), minlength=_N_BUCKETS).tolist()):
+            counts[i] += c
+    counts[6] = n - sum(counts)
+
+
+def _summary_host(x: Tensor) -> list[float]:
+    """The vector of :func:`_summary` for a 1-D CPU tensor, as a host list. A read costs nothing
+    on the CPU, so the scalars are read as they come and the passes that cannot count anything are
+    skipped. min/max and the sums are torch reductions (they run on the threads the forward uses);
+    the counts walk the tensor once in L2-sized chunks with NumPy (its comparisons and
+    ``count_nonzero`` are several times faster than torch's there). No temporaries beyond one
+    chunk's scratch, no BLAS call of NumPy's."""
+    wide = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    n = wide.numel()
+    lo_t, hi_t = torch.aminmax(wide)
+    lo, hi = lo_t.item(), hi_t.item()  # NaN propagates: both finite means no NaN and no Inf
+    counts = [0] * _N_BUCKETS
     finite = wide
     if not (math.isfinite(lo) and math.isfinite(hi)):
+        a = wide.numpy()
         is_finite = np.isfinite(a)
-        nan = int(np.count_nonzero(np.isnan(a)))
-        inf = n - nan - int(np.count_nonzero(is_finite))
+        counts[0] = int(np.count_nonzero(np.isnan(a)))
+        counts[8] = n - counts[0] - int(np.count_nonzero(is_finite))
         lo = float(np.min(a, where=is_finite, initial=math.inf))  # over the finite values only
         hi = float(np.max(a, where=is_finite, initial=-math.inf))
         finite = torch.nan_to_num(wide, nan=0.0, posinf=0.0, neginf=0.0)
-        a = finite.numpy()
-    if n <= _HOST_SMALL:
-        a64 = a.astype(np.float64)
-        total, sumsq = float(a64.sum()), float(np.dot(a64, a64))
-    else:
-        total, sumsq = float(finite.sum()), float(_sumsq(finite))
-    magnitude = np.abs(a)
-    beyond = int(np.count_nonzero(magnitude > FP16_MAX)) if max(-lo, hi, 0.0) > FP16_MAX else 0
-    below_normal = magnitude < FP16_MIN_NORMAL  # zeros (true ones and non-finite set to 0) and tiny values
-    counts = [0] * _N_BUCKETS
-    counts[0], counts[7], counts[8] = nan, beyond, inf
-    n_below = int(np.count_nonzero(below_normal))
-    if n_below:
-        zeros = int(np.count_nonzero(a == 0))
-        counts[1] = zeros - nan - inf
-        if n_below > zeros:  # tiny non-zero values: bucket them (few; indexing a dense mask is slow)
-            tiny = magnitude[below_normal & (magnitude > 0)]
-            edges = _host_edges.get(wide.dtype)
-            if edges is None:
-                edges = _host_edges[wide.dtype] = _edges(wide.dtype, wide.device).numpy()
-            for i, c in enumerate(np.bincount(np.searchsorted(edges, tiny, side="right"), minlength=_N_BUCKETS).tolist()):
-                counts[i] += c
-    counts[6] = n - sum(counts)
-    return torch.tensor([lo, hi, total, sumsq, *counts], dtype=torch.float64)
+    total = float(finite.sum(dtype=torch.float64)) if n <= _DOT_CHUNK else float(finite.sum())
+    sumsq = _host_sumsq(finite)
+    _host_counts(finite.numpy(), lo, hi, counts)
+    return [lo, hi, total, sumsq, *map(float, counts)]
 
 
 # -- one-kernel path (CUDA, Triton) ------------------------------------------------------------
@@ -152,10 +214,15 @@ def _summary_host(x: Tensor) -> Tensor:
 _SLAB_WIDTH = 16
 _SLAB_ROWS = 1024
 _KEY_INIT = 1 << 40
-_BLOCK = 512  # elements per load; each loop step loads four of them (measured best on an H100)
-_WARPS = 4
-_PROGRAMS_PER_SM = 4
-_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LIMIT = 2**31 - 2**26  # int32 offsets inside the kernel
+# Per dtype: (FMT, elements per load, warps, programs per SM). A thread loads 16 bytes per load,
+# four loads per loop step; the programs of one launch are all resident at once.
+_CONFIG: dict[torch.dtype, tuple[int, int, int, int]] = {
+    torch.float32: (0, 512, 4, 4),
+    torch.float16: (1, 1024, 4, 4),
+    torch.bfloat16: (2, 1024, 4, 4),
+}
+_FUSED_DTYPES = tuple(_CONFIG)
 _kernel: Any = None
 _compiled: dict[tuple, Any] = {}
 
@@ -175,18 +242,19 @@ def _triton_kernel() -> Any:
 class _Slab:
     """Accumulator rows on one device: one allocation (three fills) per 1024 summaries."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.block = self.block_f = torch.empty(0)
+    def __init__(self, index: int) -> None:
+        self.device = torch.device("cuda", index)
+        self.block = torch.empty(0)
+        self.ptr = 0
         self.used = _SLAB_ROWS
-        self.max_programs = _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+        self.sms = torch.cuda.get_device_properties(self.device).multi_processor_count
 
     def take(self) -> int:
         if self.used == _SLAB_ROWS:
             block = torch.zeros(_SLAB_ROWS, _SLAB_WIDTH, dtype=torch.int64, device=self.device)
             block[:, 0].fill_(_KEY_INIT)
             block[:, 1].fill_(-_KEY_INIT)
-            self.block, self.block_f, self.used = block, block.view(torch.float64), 0
+            self.block, self.ptr, self.used = block, block.data_ptr(), 0
         self.used += 1
         return self.used - 1
 
@@ -204,60 +272,114 @@ class SlabRow:
         return self.block.device
 
 
-def _launch(kernel: Any, x: Tensor, n: int, slab: _Slab, row: int) -> None:
-    step = 4 * _BLOCK
+class _Direct:
+    """One compiled specialization of the kernel, launched through Triton's own C launcher with
+    plain integers: ~3 us of host time per launch instead of ~13 us through ``CompiledKernel``
+    (which looks up the device, the stream, launch hooks and scratch allocators every time, and
+    resolves each pointer argument through ``data_ptr()`` and ``cuPointerGetAttribute``).
+
+    Built only when the launcher has the shape this code was written against (Triton 3.x's
+    ``CudaLauncher``: no scratch memory, no launch hooks); otherwise ``None`` and the kernel is
+    launched through Triton's public path."""
+
+    __slots__ = ("launch", "function", "packed", "cooperative", "pdl")
+
+    @classmethod
+    def of(cls, compiled: Any) -> "_Direct | None":
+        try:
+            from triton import knobs
+
+            run = compiled.run  # loads the module on the current device
+            if (knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+                    or run.global_scratch_size or run.profile_scratch_size or not callable(run.launch)):
+                return None
+            direct = cls()
+            direct.launch, direct.function, direct.packed = run.launch, compiled.function, compiled.packed_metadata
+            direct.cooperative, direct.pdl = run.launch_cooperative_grid, run.launch_pdl
+            return direct
+        except Exception:  # noqa: BLE001 - another Triton: fall back to its public launch path
+            return None
+
+
+def _launch(kernel: Any, x: Tensor, n: int, slab: _Slab, row: int, index: int) -> None:
+    fmt, block, warps, per_sm = _CONFIG[x.dtype]
+    step = 4 * block
     steps = -(-n // step)
-    programs = min(steps, slab.max_programs)
-    args = (x, n, n // step, -(-steps // programs), slab.block, slab.block_f, row)
-    # Launching the compiled kernel directly costs ~13 us of host time against ~20 us through
-    # JITFunction. It is reused only for arguments Triton specializes the same way: dtype, 16-byte
-    # alignment of x, n divisible by 16 or equal to 1 (the other ints are do_not_specialize).
-    key = (x.dtype, x.data_ptr() % 16 == 0, n % 16 == 0, n == 1)
-    compiled = _compiled.get(key)
-    if compiled is None:
-        _compiled[key] = kernel[(programs,)](*args, BLOCK=_BLOCK, num_warps=_WARPS)
-    else:
-        compiled[(programs, 1, 1)](*args, _BLOCK)
+    programs = min(steps, per_sm * slab.sms)
+    full, iters = n // step, -(-steps // programs)
+    ptr = x.data_ptr()
+    # Triton specializes on: dtype, 16-byte alignment of x, n divisible by 16 or equal to 1 (the
+    # other ints are do_not_specialize); one compiled kernel per such key and device.
+    key = (x.dtype, ptr % 16 == 0, n % 16 == 0, n == 1, index, fmt, block, warps)
+    direct = _compiled.get(key)
+    if direct is not None:
+        direct.launch(programs, 1, 1, torch._C._cuda_getCurrentRawStream(index), direct.function, direct.cooperative,
+                      direct.pdl, None, None, direct.packed, None, None, None,
+                      ptr, n, full, iters, slab.ptr, slab.ptr, row, block, fmt)
+        return
+    args = (x, n, full, iters, slab.block, slab.block.view(torch.float64), row)
+    if key in _compiled:  # no direct launcher for this Triton: its public path
+        _compiled[key + ("public",)][(programs, 1, 1)](*args, block, fmt)
+        return
+    compiled = kernel[(programs,)](*args, BLOCK=block, FMT=fmt, num_warps=warps)
+    _compiled[key] = _Direct.of(compiled)
+    _compiled[key + ("public",)] = compiled
+
+
+def _dense(x: Tensor) -> bool:
+    """True when ``x`` occupies one dense block of memory starting at ``x.data_ptr()``
+    (contiguous, channels-last, any permutation of a contiguous tensor). The statistics do not
+    depend on the order of the elements, so such a tensor is read as it lies, with no copy."""
+    if x.is_contiguous():
+        return True
+    expect = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(x.shape, x.stride()) if sz != 1):
+        if stride != expect:
+            return False
+        expect *= size
+    return True
 
 
 class Summarizer:
-    """Turns tensors into on-device summaries; never syncs.
+    """Turns tensors into summaries; never syncs a device.
 
-    ``fused=None`` (default): the Triton kernel on CUDA where Triton imports, the read-as-you-go
-    eager path on CPU, branch-free eager ops elsewhere. ``fused=False``: branch-free eager ops
-    everywhere (the reference). ``fused=True``: the Triton kernel where it can run (CUDA, Triton,
-    fp16/bf16/fp32), the branch-free eager ops elsewhere.
+    ``fused=None`` (default): the Triton kernel on CUDA where Triton imports, the host path on the
+    CPU (:func:`_summary_host`, summary read as it is made), branch-free eager ops elsewhere.
+    ``fused=False``: branch-free eager ops everywhere (the reference). ``fused=True``: the Triton
+    kernel where it can run (CUDA, Triton, fp16/bf16/fp32), the branch-free eager ops elsewhere.
     """
 
     def __init__(self, fused: bool | None = None) -> None:
         self.fused = fused
         self._edges: dict[tuple[torch.dtype, torch.device], Tensor] = {}
-        self._slabs: dict[torch.device, _Slab] = {}
+        self._slabs: dict[int, _Slab] = {}
 
-    def __call__(self, x: Tensor) -> Tensor | SlabRow | None:
-        """Summary of a floating tensor (None for an empty one): a float64 vector, or a
-        :class:`SlabRow` from the Triton kernel; :func:`read` decodes both."""
+    def __call__(self, x: Tensor) -> Tensor | SlabRow | list[float] | None:
+        """Summary of a floating tensor (None for an empty one): a float64 vector on the device,
+        a :class:`SlabRow` from the Triton kernel, or a host list (CPU); :func:`read` decodes all."""
         n = x.numel()
         if n == 0:
             return None
-        device = x.device
-        if self.fused is not False and device.type == "cuda" and x.dtype in _FUSED_DTYPES and n < 2**31 - 2**26:
-            kernel = _triton_kernel()
-            if kernel is not None:
-                slab = self._slabs.get(device)
+        if x.is_cuda and self.fused is not False and x.dtype in _FUSED_DTYPES and n < _LIMIT:
+            kernel = _kernel if _kernel is not None else _triton_kernel()
+            if kernel:
+                index = x.get_device()
+                slab = self._slabs.get(index)
                 if slab is None:
-                    slab = self._slabs[device] = _Slab(device)
+                    slab = self._slabs[index] = _Slab(index)
                 row = slab.take()
-                flat = x if x.is_contiguous() else x.contiguous()
-                if device.index == torch.cuda.current_device():
-                    _launch(kernel, flat, n, slab, row)
+                flat = x if _dense(x) else x.detach().contiguous()
+                if index == torch._C._cuda_getDevice():
+                    _launch(kernel, flat, n, slab, row, index)
                 else:
-                    with torch.cuda.device(device):
-                        _launch(kernel, flat, n, slab, row)
+                    with torch.cuda.device(index):
+                        _launch(kernel, flat, n, slab, row, index)
                 return SlabRow(slab.block, row)
-        flat = x.detach().reshape(-1)
-        if self.fused is None and device.type == "cpu":
+        x = x.detach()
+        flat = x.as_strided((n,), (1,)) if _dense(x) else x.reshape(-1)
+        if self.fused is None and x.device.type == "cpu":
             return _summary_host(flat)
+        device = x.device
         wide = torch.float64 if flat.dtype == torch.float64 else torch.float32
         key = (wide, device)
         edges = self._edges.get(key)
@@ -297,32 +419,35 @@ class TensorStats:
         return (self.nan or 0) + (self.inf or 0)
 
 
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+_WIDE = (torch.float32, torch.float64)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype).replace("torch.", "")
+    return name
+
+
 def _from_vector(dtype: torch.dtype, shape: tuple[int, ...], v: Sequence[float]) -> TensorStats:
-    lo, hi, total, sumsq = v[:4]
-    b = [int(c) for c in v[4:]]
-    finite = b[1] + b[2] + b[3] + b[4] + b[5] + b[6] + b[7]
-    if not finite:  # all NaN/Inf: no finite value to take a min, max, mean or rms of
-        lo = hi = total = sumsq = math.nan
-    absmax = max(abs(lo), abs(hi)) if finite else math.nan
-    wide = dtype in (torch.float32, torch.float64)
-    return TensorStats(
-        dtype=str(dtype).replace("torch.", ""),
-        shape=shape,
-        numel=sum(b),
-        min=lo,
-        max=hi,
-        absmax=absmax,
-        mean=total / finite if finite else math.nan,
-        rms=math.sqrt(sumsq / finite) if finite else math.nan,
-        nan=b[0],
-        inf=b[8],
-        beyond_fp16=b[7],
-        subnormal_fp16=b[2] + b[3] + b[4] + b[5],
-        flush_fp16=b[2] + b[3] + b[4],
-        subnormal_bf16=b[2] + b[3] if wide else None,
-        flush_bf16=b[2] if wide else None,
-        headroom_bits=headroom_bits(absmax),
-    )
+    lo, hi, total, sumsq = v[0], v[1], v[2], v[3]
+    b0, b1, b2, b3, b4, b5, b6, b7, b8 = map(int, v[4:13])
+    finite = b1 + b2 + b3 + b4 + b5 + b6 + b7
+    if finite:
+        absmax = max(abs(lo), abs(hi))
+        mean, rms = total / finite, math.sqrt(sumsq / finite)
+    else:  # all NaN/Inf: no finite value to take a min, max, mean or rms of
+        lo = hi = absmax = mean = rms = math.nan
+    wide = dtype in _WIDE
+    # A frozen dataclass built field by field through its __init__ costs ~3 us; a read makes one
+    # per recorded tensor, so the instance dict is filled directly (same fields, same values).
+    stats = object.__new__(TensorStats)
+    stats.__dict__.update(
+        dtype=_dtype_name(dtype), shape=shape, numel=finite + b0 + b8, min=lo, max=hi, absmax=absmax, mean=mean,
+        rms=rms, nan=b0, inf=b8, beyond_fp16=b7, subnormal_fp16=b2 + b3 + b4 + b5, flush_fp16=b2 + b3 + b4,
+        subnormal_bf16=b2 + b3 if wide else None, flush_bf16=b2 if wide else None, headroom_bits=headroom_bits(absmax))
+    return stats
 
 
 def _decode_slab_rows(rows: Tensor, numels: Sequence[int]) -> list[list[float]]:
@@ -349,17 +474,21 @@ def to_host(vectors: Sequence[Tensor]) -> list[list[float]]:
     return out
 
 
-def read(pending: Sequence[tuple[torch.dtype, tuple[int, ...], Tensor | SlabRow | None]]) -> list[TensorStats]:
-    """Turn (dtype, shape, summary) triples into TensorStats: one host copy per device for the
-    eager vectors, one gather and copy per slab block for the Triton rows."""
+def read(pending: Sequence[tuple[torch.dtype, tuple[int, ...], Tensor | SlabRow | list[float] | None]]) -> list[TensorStats]:
+    """Turn (dtype, shape, summary) triples into TensorStats: host lists as they are, one host
+    copy per device for the eager vectors, one gather and copy per slab block for the Triton rows."""
     vectors: list[int] = []
     slab_rows: dict[int, tuple[Tensor, list[int]]] = {}
+    host: dict[int, Sequence[float]] = {}
     for i, (_, _, v) in enumerate(pending):
-        if isinstance(v, SlabRow):
+        if type(v) is list:
+            host[i] = v
+        elif type(v) is SlabRow:
             slab_rows.setdefault(id(v.block), (v.block, []))[1].append(i)
         elif v is not None:
             vectors.append(i)
-    host: dict[int, list[float]] = dict(zip(vectors, to_host([pending[i][2] for i in vectors])))
+    if vectors:
+        host.update(zip(vectors, to_host([pending[i][2] for i in vectors])))
     for block, idx in slab_rows.values():  # copy the used rows of each block, pick on the host
         where = [pending[i][2].index for i in idx]
         rows = block[: max(where) + 1].cpu()[where]
@@ -367,9 +496,9 @@ def read(pending: Sequence[tuple[torch.dtype, tuple[int, ...], Tensor | SlabRow 
     out = []
     for i, (dtype, shape, v) in enumerate(pending):
         if v is None:
-            out.append(TensorStats(dtype=str(dtype).replace("torch.", ""), shape=shape, numel=math.prod(shape)))
+            out.append(TensorStats(dtype=_dtype_name(dtype), shape=tuple(shape), numel=math.prod(shape)))
         else:
-            out.append(_from_vector(dtype, shape, host[i]))
+            out.append(_from_vector(dtype, tuple(shape), host[i]))
     return out
 
 
