@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from torchprobe import atomic
-from torchprobe.atomic import STALE_AFTER_S, TEMP_MARK, atomic_path, remove_stale, temp_name, write_text, write_with
+from torchprobe.io import atomic
+from torchprobe.io.atomic import STALE_AFTER_S, TEMP_MARK, atomic_path, remove_stale, temp_name, write_text, write_with
 from torchprobe.io.dumps import load_dump, save_dump
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,7 +28,7 @@ MIB = 1 << 20
 WRITER = r"""
 import os, signal, sys
 from pathlib import Path
-from torchprobe.atomic import write_with
+from torchprobe.io.atomic import write_with
 target, mode = sys.argv[1], sys.argv[2]
 if mode == "own-handler":
     def handler(signum, frame):

@@ -7,7 +7,7 @@ from torchprobe.kinds import Reason
 
 transformers = pytest.importorskip("transformers")
 
-ONNX_PATH = "strict:fp16"  # the target that decomposes layer_norm into FP16 primitives
+ONNX_PATH = "strict-onnx:fp16"  # the target that decomposes layer_norm into FP16 primitives
 LN = "convnext.encoder.stages.1.layers.0.layernorm"
 BLOCK = "convnext.encoder.stages.1.layers.0"
 
@@ -57,3 +57,25 @@ def test_the_same_norm_is_a_culprit_once_it_reaches_the_output() -> None:
     model, x = convnext_with_grown_norm_input(layer_scale=1.0)
     rep = tp.report(model, x, targets=(ONNX_PATH,))
     assert not rep and rep.culprits[0].module == LN and rep.culprits[0].reason == Reason.OVERFLOW
+
+
+def test_report_with_margins_adds_a_column_json_and_the_html_line(tmp_path) -> None:
+    from models import GrownNorm
+
+    torch.manual_seed(0)
+    model = GrownNorm(scale=20.0)  # the LayerNorm's input reaches ~45: fine today, breaks at ~x5 under the ONNX path
+    x = torch.randn(4, 16)
+    rep = tp.report(model, x, targets=(ONNX_PATH,), margins=True)
+    factors = rep.margins[ONNX_PATH]
+    assert set(factors) >= {"inp", "norm", "out"}
+    independent = torch.sqrt(torch.tensor(65504.0)) / (model.inp(x) - model.inp(x).mean(-1, keepdim=True)).abs().max()
+    assert factors["norm"] == pytest.approx(float(independent), rel=0.1)
+    assert min(factors, key=factors.get) == "norm"
+    from torchprobe.render.text import num
+
+    norm_row = next(line for line in str(rep).splitlines() if line.startswith("norm "))
+    assert norm_row.split()[-1] == f"x{num(factors['norm'])}" and "margin" in str(rep)
+    again = tp.Report.from_json(rep.to_json(tmp_path / "r.json"))
+    assert again.margins == rep.margins
+    html = rep.to_html(tmp_path / "r.html").read_text()
+    assert "margin" in html

@@ -20,6 +20,8 @@ from torchprobe.monitor import (
     HeadroomTrendWarning,
     HeadroomWarning,
     LowHeadroomWarning,
+    MarginHistory,
+    MarginWarning,
     Monitor,
     MonitorHistory,
 )
@@ -488,3 +490,110 @@ def test_cuda_sampled_step_does_not_sync():
         h = model[0](x)
     assert hist["0"].samples[0].absmax == float64_absmax(h)
     assert hist["2"].samples[0].grad.absmax == 1.0
+
+
+# -- margins under a target -------------------------------------------------------------------------
+
+# The ONNX (opset < 17) -> TensorRT path (layer_norm decomposed into FP16 primitives); at merge this
+# becomes "strict-onnx:fp16".
+ONNX_PATH = "strict-onnx:fp16"  # the target that decomposes layer_norm into FP16 primitives
+
+
+class GrowingNorm(nn.Module):
+    """``grow`` feeds a LayerNorm; multiplying its weight and bias by 1.25 after every step grows the
+    LayerNorm's centred input 1.25-fold, so its decomposed FP16 variance nears overflow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grow = nn.Linear(8, 32)
+        self.norm = nn.LayerNorm(32)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.grow(x)))
+
+
+def test_margin_of_a_growing_layernorm_is_sampled_and_warns_before_it_breaks():
+    torch.manual_seed(0)
+    model = GrowingNorm()
+    with torch.no_grad():
+        model.grow.weight.mul_(8.0)
+        model.grow.bias.mul_(8.0)
+    x = torch.randn(16, 8)
+    centred = {}
+    step = [0]
+
+    def pre(module, args):  # the independent computation: a plain hook, float64
+        a = args[0].detach().double()
+        centred[step[0]] = (a - a.mean(-1, keepdim=True)).abs().max().item()
+
+    probe = model.norm.register_forward_pre_hook(pre)
+    recorder = Float64Recorder(model)
+    with pytest.warns(HeadroomWarning) as caught:
+        with Monitor(model, every=1, trend_window=3, target=ONNX_PATH, margin_every=2, margin_modules=2) as mon:
+            for step[0] in range(16):
+                recorder.step = step[0]
+                mon.step()
+                model(x).sum().backward()
+                with torch.no_grad():
+                    model.grow.weight.mul_(1.25)
+                    model.grow.bias.mul_(1.25)
+                model.zero_grad()
+    probe.remove()
+    recorder.close()
+    assert no_forward_hooks(model) and all(not m._forward_pre_hooks for m in model.modules()) and model.training
+
+    hist = mon.history
+    norm = hist.margin("norm")
+    assert norm.steps == tuple(range(0, 16, 2))
+    for point in norm.points:
+        predicted = math.sqrt(FP16_MAX) / centred[point.step]
+        if predicted < 1:  # broken already: the search starts at x1
+            assert point.factor == 1.0
+        else:
+            assert predicted * 0.99 <= point.factor <= predicted * 1.06, (point, predicted)
+        assert point.reason == "overflow"
+    assert MarginHistory("norm", norm.points[:-1]).trend(3) == pytest.approx(-math.log2(1.25), rel=0.05)  # bits per step
+    # the first margin sample scans every leaf, the later ones follow the two weakest
+    assert sorted(len(m) for m in hist.margins) == [1, 8, 8]
+    # margin() ran inside the sampled forward on copies of the model: headroom stayed exact
+    for m in hist:
+        for s in m.samples:
+            assert s.absmax == recorder.values[(m.module, s.step)]
+
+    ours = [w.message for w in caught if isinstance(w.message, MarginWarning)]
+    assert [(w.kind, w.module) for w in ours] == [("margin-trend", "norm"), ("low-margin", "norm")]
+    trend, low = ours
+    breaks_at = min(s for s, c in centred.items() if c > math.sqrt(FP16_MAX))  # first step it is broken
+    assert f"at this rate norm breaks under {ONNX_PATH} around step" in str(trend)
+    predicted_step = int(str(trend).split("around step ")[1].split(".")[0])
+    assert abs(predicted_step - breaks_at) <= 1 and trend.step < breaks_at
+    assert trend.step < low.step < breaks_at and low.factor < 2.0 <= trend.factor
+    assert low.headroom == pytest.approx(math.log2(low.factor)) and low.target == ONNX_PATH
+    assert "x" in str(low) and "min_margin=2" in str(low)
+    text = str(mon)
+    assert f"Margin under {ONNX_PATH} (every 2 samples), warn below x2" in text
+    lines = text.splitlines()
+    first = lines.index(next(line for line in lines if line.startswith("Margin under"))) + 3
+    assert [line.split()[0] for line in lines[first:]] == ["norm", "grow", "head"]  # smallest latest factor first
+
+
+def test_margin_history_roundtrips_and_monitor_margin_arguments(tmp_path):
+    torch.manual_seed(0)
+    model = GrowingNorm()
+    x = torch.randn(4, 8) * 20
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HeadroomWarning)
+        with Monitor(model, every=2, target=ONNX_PATH, margin_every=1) as mon:
+            for _ in range(3):
+                mon.step()
+                model(x)
+    path = tmp_path / "m.json"
+    mon.save(path)
+    loaded = Monitor.load(path)
+    assert loaded == mon.history and loaded.target == ONNX_PATH and loaded.margin("norm").steps == (0, 2)
+    assert str(loaded) == str(mon)
+    for bad in ({"target": "strict:fp17"}, {"target": "fp32"}, {"target": ONNX_PATH, "min_margin": 0.5},
+                {"target": ONNX_PATH, "margin_every": 0}, {"target": ONNX_PATH, "margin_modules": 1.5}):
+        with pytest.raises(InvalidArgument):
+            Monitor(model, **bad)

@@ -292,8 +292,12 @@ def test_runner_choice_default_skips_the_reference(deployed: dict, capsys: pytes
     assert default.target_b == "onnxrt-deployed" and default.first_divergence().key == CULPRIT
     reference = tp.compare(root / "fp32.safetensors", two, onnx=root / "model.onnx", runner="onnxrt-reference")
     assert reference.exit_code == 0 and len(reference.rows) == len(default.rows)
+    prefix = tp.compare(root / "fp32.safetensors", two, onnx=root / "model.onnx", runner="onnxrt-ref")
+    assert prefix.target_b == "onnxrt-reference" and prefix.exit_code == 0
     with pytest.raises(InvalidArgument, match="valid runners: 'onnxrt-reference', 'onnxrt-deployed'"):
         tp.compare(root / "fp32.safetensors", two, onnx=root / "model.onnx", runner="trt-runner")
+    with pytest.raises(InvalidArgument, match="starts 2 runner names"):
+        tp.compare(root / "fp32.safetensors", two, onnx=root / "model.onnx", runner="onnxrt")
     one_line_error(capsys, ["compare", str(root / "fp32.safetensors"), str(two), "--onnx", str(root / "model.onnx"),
                             "--runner", "trt-runner"], "runner='trt-runner'", "onnxrt-deployed")
     one_line_error(capsys, ["compare", str(root / "fp32.safetensors"), str(two), "--runner", "x"], "--onnx")

@@ -10,7 +10,11 @@ import ast
 import collections
 import copy
 import importlib.util
+import io
+import json
+import pickle
 import re
+import sys
 
 import pytest
 import torch
@@ -22,11 +26,14 @@ from torchprobe.targets.plan import PrecisionPlan
 from torchprobe.targets.tensorrt import (
     NOT_INSTALLED,
     CompileInfo,
+    EngineLayer,
     TensorRTBackend,
     TensorRTProgram,
     _census,
     autocast_exclusion_regexes,
     compile_options,
+    layers_by_module,
+    parse_layer_info,
     tensorrt_snippet,
 )
 
@@ -220,6 +227,43 @@ def test_compile_info_fraction_and_text() -> None:
     assert unknown.trt_fraction is None and str(unknown).startswith("tensorrt:bf16: 1 TensorRT engine, 0 PyTorch segments")
 
 
+# Engine inspector JSON in the two forms TensorRT documents ("Engine Inspector", TensorRT 10.16
+# developer guide): names only (ProfilingVerbosity.LAYER_NAMES_ONLY) and detailed; the layer names
+# follow Torch-TensorRT's set_layer_name/get_node_name ([TYPE]-[aten_ops.op]-[module/node]). These
+# are format samples written for the parser, not the output of an engine.
+NAMES_ONLY = json.dumps({"Layers": [
+    "[MATRIX_MULTIPLY]-[aten_ops.linear.default]-[proj/linear_matrix_multiply] + "
+    "[ELEMENTWISE]-[aten_ops.linear.default]-[proj/linear_add_bias]",
+    "[NORMALIZATION]-[aten_ops.native_layer_norm.default]-[norm/native_layer_norm]",
+    "Reformatting CopyNode for Input Tensor 0 to [MATRIX_MULTIPLY]-[aten_ops.linear.default]-[out/linear]",
+], "Bindings": ["x", "output0"]})
+DETAILED = json.dumps({"Layers": [
+    {"Name": "[NORMALIZATION]-[aten_ops.native_layer_norm.default]-[encoder.layers.3.norm2/native_layer_norm]",
+     "LayerType": "Normalization",
+     "Inputs": [{"Name": "x", "Format/Datatype": "Row major linear FP16 format"}],
+     "Outputs": [{"Name": "y", "Format/Datatype": "Row major linear FP16 format"}]},
+    {"Name": "[CONVOLUTION]-[aten_ops.convolution.default]-[/features/0/convolution] + "
+             "[RELU]-[aten_ops.relu.default]-[/features/1/relu]",
+     "LayerType": "CaskConvolution",
+     "Outputs": [{"Name": "z", "Format/Datatype": "Channel major FP32 format where channel % 4 == 0"}]},
+]})
+
+
+def test_layer_info_is_parsed_into_layers_per_module() -> None:
+    layers = parse_layer_info(NAMES_ONLY)
+    assert [layer.types for layer in layers] == [("MATRIX_MULTIPLY", "ELEMENTWISE"), ("NORMALIZATION",), ("MATRIX_MULTIPLY",)]
+    assert [layer.modules for layer in layers] == [("proj",), ("norm",), ("out",)]
+    assert layers[1].ops == ("native_layer_norm.default",) and layers[1].kind is None and layers[1].precision is None
+    detailed = parse_layer_info(DETAILED)
+    assert (detailed[0].modules, detailed[0].kind, detailed[0].precision) == (("encoder.layers.3.norm2",), "Normalization", "FP16")
+    assert detailed[1].modules == ("features.0", "features.1") and detailed[1].precision == "FP32"  # older "/a/b/node" paths
+    assert sorted(layers_by_module(detailed)) == ["encoder.layers.3.norm2", "features.0", "features.1"]
+    assert parse_layer_info("not json") == () and parse_layer_info('{"Layers": [3]}') == ()
+    info = CompileInfo("head", torch.float16, 1, 0, 4, 0, (), "2.14.0", 1.0, layers=detailed, layer_info="detailed")
+    assert str(info).endswith("; layers: encoder.layers.3.norm2 -> NORMALIZATION (FP16); "
+                              "features.0 -> CONVOLUTION+RELU (FP32); features.1 -> CONVOLUTION+RELU (FP32)")
+
+
 def _expected(paths: list[str], kept: list[str]) -> list[str]:
     return [p for p in paths if any(is_within(p, k) for k in kept)]
 
@@ -283,7 +327,11 @@ def test_snippet_is_valid_python_with_both_routes() -> None:
     assert ast.unparse(autocast["autocast_low_precision_type"]) == "torch.float16"
     assert sorted(ast.literal_eval(autocast["autocast_excluded_nodes"])) == sorted(autocast_exclusion_regexes(KEPT))
     assert "use_explicit_typing=True" in snippet and "2.13+" in snippet  # the version comment
-    assert "compile_keep_fp32(model, (images,))" in snippet
+    assert "trt_model = compile_keep_fp32(model, (images,))" in snippet  # the call, shown as a comment
+    # it only defines things: running it needs torch-tensorrt and nothing the reader has not got
+    kinds = {type(n) for n in tree.body}
+    assert kinds <= {ast.Import, ast.ImportFrom, ast.FunctionDef, ast.Assign}, kinds
+    assert "forward =" not in snippet and "register_forward_pre_hook" in snippet
 
 
 def test_snippet_variants_stay_valid() -> None:
@@ -301,20 +349,23 @@ def test_snippet_variants_stay_valid() -> None:
         tensorrt_snippet(["a"], torch.float16, ["class"])
 
 
-def _snippet_helpers(snippet: str) -> dict:
-    """Execute the snippet's definitions (not its imports of torch_tensorrt, not the final call)."""
+def _snippet_helpers(snippet: str, tmp_path) -> dict:
+    """Import the snippet's definitions as a module (everything but its import of torch_tensorrt)."""
     tree = ast.parse(snippet)
-    keep = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.Assign))
-            and not (isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "trt_model" for t in n.targets))]
-    namespace = {"torch": torch, "copy": copy}
-    exec(compile(ast.Module(body=keep, type_ignores=[]), "<snippet>", "exec"), namespace)
-    return namespace
+    keep = [n for n in tree.body if not (isinstance(n, ast.Import) and n.names[0].name == "torch_tensorrt")]
+    path = tmp_path / "torchprobe_snippet.py"
+    path.write_text(ast.unparse(ast.Module(body=keep, type_ignores=[])))
+    spec = importlib.util.spec_from_file_location("torchprobe_snippet", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["torchprobe_snippet"] = module  # importable by name: what pickle needs
+    spec.loader.exec_module(module)
+    return vars(module)
 
 
-def test_snippet_keep_fp32_helper_runs_and_matches_the_plan() -> None:
+def test_snippet_keep_fp32_helper_runs_and_matches_the_plan(tmp_path) -> None:
     torch.manual_seed(0)
     model, x = Detector().eval(), torch.randn(2, 8)
-    helpers = _snippet_helpers(tensorrt_snippet(KEPT, torch.float16))
+    helpers = _snippet_helpers(tensorrt_snippet(KEPT, torch.float16), tmp_path)
     fixed = helpers["keep_fp32"](model, helpers["KEEP_FP32"], torch.float16)
     assert next(model.parameters()).dtype == torch.float32  # the user's model is untouched
     assert fixed.encoder.layers[3].norm2.weight.dtype == torch.float32
@@ -336,6 +387,14 @@ def test_snippet_keep_fp32_helper_runs_and_matches_the_plan() -> None:
              if n.op == "call_function" and n.target == torch.ops.aten.layer_norm.default}
     assert norms["encoder.layers.3.norm2"] == torch.float32  # computed in FP32 inside the graph
     assert norms["encoder.layers.3.norm20"] == torch.float16
+    # hooks, not a closure in forward: the kept model pickles and deep-copies, and still runs
+    assert "forward" not in vars(fixed.encoder.layers[3].norm2)
+    for clone in (pickle.loads(pickle.dumps(fixed)), copy.deepcopy(fixed)):
+        torch.testing.assert_close(clone(x.half()), out, rtol=0, atol=0)
+    buffer = io.BytesIO()
+    torch.save(fixed, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(torch.load(buffer, weights_only=False)(x.half()), out, rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,6 +423,12 @@ def test_kept_fp32_layernorm_compiles_in_tensorrt_with_small_error() -> None:
     assert any(name.startswith("_run_on_acc") for name, _ in compiled.graph_module.named_children())
     assert _rel_l2(ref, out.float()) < 1e-2, str(info)
     assert next(model.parameters()).dtype == torch.float32  # the caller's model is untouched
+    # the engine's own layers, named in the model's modules (Myelin may hide inner ones in a ForeignNode)
+    by_module = layers_by_module(info.layers)
+    assert info.layers and set(by_module) <= {name or ROOT for name, _ in model.named_modules()}, info.layers
+    if not any("ForeignNode" in layer.name for layer in info.layers):
+        assert any("NORMALIZATION" in layer.types for layer in by_module["norm"]), by_module
+    assert "layers: " in str(info)
 
 
 @needs_tensorrt
@@ -392,10 +457,10 @@ def test_snippet_runs_in_tensorrt(route: str) -> None:
     torch.manual_seed(0)
     model, x = NormHead().eval().to(CUDA), torch.randn(16, 64, device=CUDA)
     snippet = tensorrt_snippet(["norm"], torch.float16)
-    namespace = {"model": model, "x": x}
+    namespace: dict = {}
     with torch.no_grad():
-        exec(compile(snippet, "<snippet>", "exec"), namespace)  # builds trt_model with route (a)
-        trt_model = namespace["trt_model"] if route == "compile_keep_fp32" else namespace[route](model, (x,))
+        exec(compile(snippet, "<snippet>", "exec"), namespace)  # defines the two routes
+        trt_model = namespace[route](model, (x,))
         cast = namespace["_cast"]
         dtype = torch.float16 if route == "compile_keep_fp32" else torch.float32
         out = trt_model(*cast((x,), dtype))

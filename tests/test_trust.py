@@ -282,3 +282,33 @@ def test_not_found_fix_does_not_claim_a_bound_and_rule_names_modules() -> None:
     assert "1 candidates" not in text and "result" in text.splitlines()[5]
     rule = next(line for line in text.splitlines() if "rule-based autocast" in line)
     assert "inp" in rule or "norm" in rule
+
+
+def test_the_callers_hooks_never_fire_on_replays(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = RoundingNet()
+    calls = []
+    model.pre.register_forward_hook(lambda m, a, out: calls.append("pre"))
+    model.register_forward_pre_hook(lambda m, a: calls.append("root"))
+    x = torch.randn(8, 16)
+    before = snapshot(model)
+    tp.report(model, x, targets=("eager:fp16",))
+    tp.isolate(model, x, target="eager:fp16")
+    tp.bisect(model, x, target="eager:fp16")
+    tp.dump(model, x, tmp_path / "d.safetensors")
+    assert calls == []
+    assert_unchanged(model, before)
+    with torch.no_grad():
+        model(x)  # the caller's own run: the hooks fire here, and only here
+    assert calls == ["root", "pre"]
+
+
+def test_hooks_that_compute_weights_are_kept_on_copies() -> None:
+    from torchprobe.targets.plan import drop_observer_hooks
+
+    lin = nn.Linear(4, 4)
+    with pytest.warns(FutureWarning):
+        torch.nn.utils.weight_norm(lin)  # legacy weight norm: a pre-hook that rebuilds the weight
+    lin.register_forward_pre_hook(lambda m, a: None)
+    drop_observer_hooks(lin)
+    assert [type(h).__name__ for h in lin._forward_pre_hooks.values()] == ["WeightNorm"]

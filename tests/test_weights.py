@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import pickle
 
 import numpy as np
@@ -275,6 +276,18 @@ def test_file_errors_name_the_path(tmp_path):
     message = str(info.value)
     assert str(unsafe) in message and "Arbitrary" in message and "\n" not in message
     assert isinstance(info.value.__cause__, pickle.UnpicklingError)
+
+    class Payload:  # a pickle that would run a command on load: refused, and not called corrupted
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"w": torch.ones(2), "x": Payload()}, evil)
+    with pytest.raises(DumpError) as info:
+        check_weights(evil)
+    message = str(info.value)
+    assert "refused, not corrupted" in message and "would run code" in message and "system" in message
+    assert "safetensors.torch.save_file" in message and "corrupted or truncated" not in message
 
     with pytest.raises(DumpError, match="directory"):
         check_weights(tmp_path)

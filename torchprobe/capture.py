@@ -99,6 +99,7 @@ def module_calls(
     *,
     before: BeforeHook | None = None,
     after: AfterHook | None = None,
+    per_module: bool = False,
 ) -> Iterator[Counter]:
     """Hook every kept module; call ``before``/``after`` with a :class:`Call` per module call.
 
@@ -109,11 +110,14 @@ def module_calls(
     it costs O(1) instead of two handles per module (1.5 ms for 200 modules), each call runs one
     hook instead of two, and modules of other models are skipped by identity. A call's index then
     counts finished calls of its module, the same as started calls unless a module calls itself.
-    The hook's own work per call is two dict lookups and a counter update before ``after``.
+    ``per_module=True`` registers hooks on each kept module even then: nothing runs for the
+    modules of other models (a training loop's teacher, EMA or loss modules, torchprobe's own
+    copies), and the hooks show in each module's ``_forward_hooks``. The process-wide hook's own
+    work per call is two dict lookups and a counter update before ``after``.
     """
     counts: Counter = Counter()
     names = _canonical_names(model)
-    if before is None:
+    if before is None and not per_module:
         sites: dict[nn.Module, _Site | None] = {}  # filled on each module's first call
         get = sites.get
 

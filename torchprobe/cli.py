@@ -1,4 +1,4 @@
-"""The ``torchprobe`` command: ``demo``, ``report``, ``compare``, ``weights``.
+"""The ``torchprobe`` command: ``demo``, ``report``, ``compare``, ``weights``, ``margin``.
 
 Every command prints its result on stdout and exits like ``diff``: 0 when everything is within
 tolerance, 1 when something diverges (or a weight is at risk), 2 on trouble (bad arguments,
@@ -9,6 +9,7 @@ stderr, never a traceback; ``--debug`` re-raises instead, and ``-v``/``-vv`` log
     $ torchprobe compare fp32.safetensors engine.safetensors --tol 1e-2 --map names.json
     $ torchprobe compare fp32.safetensors engine.json --onnx model.onnx --runner trt-runner-N0
     $ torchprobe weights model_final.pth --include 'head.*'
+    $ torchprobe margin models.py:build --input 2x16 --target strict:fp16 --min-factor 2
     $ torchprobe demo
 
 The functions behind the commands are the library's own (``report``, ``dump.compare``,
@@ -300,10 +301,28 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from .localize import report
-    from .targets import get_backend, model_device
 
     for path in (args.json, args.html):
         _check_writable(path)
+    model, inputs = _model_and_inputs(args, args.target)
+    rep = report(
+        model, inputs, targets=[str(t) for t in args.target], reference=args.reference,
+        modules="leaves" if args.modules == ["leaves"] else args.modules, tol=args.tol, metric=args.metric,
+        margins=args.margins,
+    )
+    print(_summary(rep) if args.quiet else str(rep))
+    for path, write in ((args.json, rep.to_json), (args.html, rep.to_html)):
+        if path is not None:
+            write(path)
+            _note(args, f"wrote {path}")
+    return rep.exit_code
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from .explain import explain
+    from .render.explain import explain_text
+    from .targets import model_device
+
     factory = load_factory(args.model)
     model, inputs = call_factory(args.model, factory)
     if args.input:
@@ -312,25 +331,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
         raise InvalidArgument(f"{args.model}() returned a model without inputs; pass --input, e.g. --input 2x16")
     if args.device is not None:
         model = model.to(args.device)  # the command's own model, built by the factory above
-        device = args.device
+    inputs = _to_device(inputs, args.device or model_device(model))
+    ex = explain(model, inputs, target=str(args.target), keep_fp32=args.keep_fp32 or (), norm_fp32=not args.fp16_norms)
+    if args.quiet:
+        print(f"{ex.target}: {len(ex.risks)} op(s) may overflow" +
+              "".join(f"\n  {o.module} {o.op}: {o.risk}" for o in ex.risks))
     else:
-        device = model_device(model)
-    inputs = _to_device(inputs, device)
-    for target in args.target:
-        reason = get_backend(target.backend).unavailable(device)
-        if reason:
-            raise CliError(f"target {target} cannot run here: {reason}")
-
-    rep = report(
-        model, inputs, targets=[str(t) for t in args.target], reference=args.reference,
-        modules="leaves" if args.modules == ["leaves"] else args.modules, tol=args.tol, metric=args.metric,
-    )
-    print(_summary(rep) if args.quiet else str(rep))
-    for path, write in ((args.json, rep.to_json), (args.html, rep.to_html)):
-        if path is not None:
-            write(path)
-            _note(args, f"wrote {path}")
-    return rep.exit_code
+        print(explain_text(ex, shape_ops=args.all))
+    return EXIT_DIVERGES if ex.risks else EXIT_OK
 
 
 def _summary(rep: Any) -> str:
@@ -367,10 +375,56 @@ def _cmd_weights(args: argparse.Namespace) -> int:
     return EXIT_OK if rep else EXIT_DIVERGES
 
 
+def _model_and_inputs(args: argparse.Namespace, targets: Sequence[Any]) -> tuple[nn.Module, Any]:
+    """The factory's model and the inputs (``--input`` over the factory's), on ``--device``;
+    CliError when a target's backend cannot run there."""
+    from .targets import get_backend, model_device
+
+    model, inputs = call_factory(args.model, load_factory(args.model))
+    if args.input:
+        inputs = build_inputs(args.input, seed=args.seed, kwargs_from_safetensors=args.input_kwargs)
+    elif inputs is None:
+        raise InvalidArgument(f"{args.model}() returned a model without inputs; pass --input, e.g. --input 2x16")
+    if args.device is not None:
+        model = model.to(args.device)  # the command's own model, built by the factory above
+    device = args.device if args.device is not None else model_device(model)
+    inputs = _to_device(inputs, device)
+    for target in targets:
+        reason = get_backend(target.backend).unavailable(device)
+        if reason:
+            raise CliError(f"target {target} cannot run here: {reason}")
+    return model, inputs
+
+
+def _cmd_margin(args: argparse.Namespace) -> int:
+    from .localize.margin import margin
+
+    _check_writable(args.json)
+    if not 1.0 < args.max_factor < math.inf:
+        raise InvalidArgument(f"--max-factor must be a finite number above 1 (e.g. 1024); got {args.max_factor:g}")
+    if not 1.0 <= args.min_factor <= args.max_factor:
+        raise InvalidArgument(f"--min-factor must be between 1 and --max-factor ({args.max_factor:g}); got {args.min_factor:g}")
+    model, inputs = _model_and_inputs(args, [args.target])
+    mg = margin(model, inputs, str(args.target), modules=args.modules, tol=args.tol, max_factor=args.max_factor,
+                metric=args.metric)
+    low = mg.below(args.min_factor)
+    if args.quiet:
+        w = mg.weakest
+        weakest = "no module measured" if w is None else f"weakest {w.module} at x{w.factor:.3g}"
+        print(f"{mg.target}: {len(low)} of {len(mg)} modules below x{args.min_factor:g}; {weakest}")
+    else:
+        print(mg)
+        print(f"{len(low)} of {len(mg)} modules break below x{args.min_factor:g} (--min-factor)")
+    if args.json is not None:
+        mg.to_json(args.json)
+        _note(args, f"wrote {args.json}")
+    return EXIT_DIVERGES if low else EXIT_OK
+
+
 def _write_json(args: argparse.Namespace, data: dict) -> None:
     import json
 
-    from .atomic import write_text
+    from .io.atomic import write_text
 
     if args.json is not None:
         write_text(args.json, json.dumps(data, indent=1))
@@ -481,6 +535,17 @@ examples:
 """
 
 
+_MARGIN_EPILOG = """\
+MODEL and --input as for 'torchprobe report' (see 'torchprobe report --help').
+Integer and bool inputs, and arguments named like masks or positions (*mask*, *_ids, position*),
+are never scaled.
+
+examples:
+  torchprobe margin models.py:build --input 2x16 -t strict:fp16
+  torchprobe margin lm.py:build --input 1x128:int64:30522 -t strict:fp16 --min-factor 4 --json m.json
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -513,7 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pass the tensors of .safetensors inputs as keyword arguments named by key")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of random inputs (default {DEFAULT_SEED})")
     p.add_argument("--target", "-t", action="append", type=_target_type, metavar="T", required=True,
-                   help="backend:dtype, e.g. eager:fp16, autocast:bf16, strict:fp16, inductor:fp16, tensorrt:fp16 (repeatable)")
+                   help="backend:dtype, e.g. eager:fp16, autocast:bf16, strict:fp16 (Torch-TensorRT), "
+                        "strict-onnx:fp16 (ONNX parser path), inductor:fp16, tensorrt:fp16 (repeatable)")
     p.add_argument("--reference", choices=("fp32", "fp64"), default="fp32", help="reference precision (default fp32)")
     p.add_argument("--tol", type=_tol_type, default=None,
                    help="bound on --metric for the final output and each module's local error "
@@ -526,8 +592,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="move the model and inputs there (default: where the factory put the model)")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     p.add_argument("--html", metavar="PATH", help="also write the report as a self-contained HTML page")
+    p.add_argument("--margins", action="store_true", help="also measure each leaf's growth margin under every target (a column, JSON, HTML)")
     p.add_argument("-q", "--quiet", action="store_true", help="print one verdict line per target; no progress bars")
     p.set_defaults(run=_cmd_report)
+
+    p = sub.add_parser("explain", parents=[common], formatter_class=fmt, epilog=_REPORT_EPILOG + "\n" + _EPILOG,
+                       help="list the ops each module becomes in an engine, their dtypes and rules",
+                       description="Export the factory's model cast to the target dtype, lower it as the target's\n"
+                                   "engine does and list per module the ops that reach the engine: dtype, the rule\n"
+                                   "that computes each, its FP32 value and whether it may overflow.")
+    p.add_argument("model", metavar="MODULE:FACTORY", help="where to get the model, e.g. models.py:build")
+    p.add_argument("--input", "-i", action="append", type=_input_type, metavar="SPEC", default=[],
+                   help="a shape[:dtype[:n]] of random values or a .safetensors/.pt file (repeatable; see below)")
+    p.add_argument("--input-kwargs", action="store_true",
+                   help="pass the tensors of .safetensors inputs as keyword arguments named by key")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of random inputs (default {DEFAULT_SEED})")
+    p.add_argument("--target", "-t", type=_target_type, metavar="T", default="strict:fp16",
+                   help="strict:fp16 (default; Torch-TensorRT), strict-onnx:fp16 (ONNX parser), or bf16")
+    p.add_argument("--keep-fp32", action="append", metavar="NAME", default=None,
+                   help="a module kept in FP32, as a fix would (repeatable)")
+    p.add_argument("--fp16-norms", action="store_true",
+                   help="read normalization layers as computed in the dtype (the pessimistic reading)")
+    p.add_argument("--all", action="store_true", help="also list ops without arithmetic (views, copies, indexing)")
+    p.add_argument("--device", type=_device_type, default=None,
+                   help="move the model and inputs there (default: where the factory put the model)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the ops that may overflow")
+    p.set_defaults(run=_cmd_explain)
 
     p = sub.add_parser("compare", parents=[common], formatter_class=fmt, epilog=_EPILOG,
                        help="compare two activation dumps key by key",
@@ -560,6 +650,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes on stderr")
     p.set_defaults(run=_cmd_weights)
+
+    p = sub.add_parser("margin", parents=[common], formatter_class=fmt, epilog=_MARGIN_EPILOG + "\n" + _EPILOG,
+                       help="how much each module's inputs may grow before it breaks under a target",
+                       description="Run each module alone under the target on its FP32 reference inputs scaled by a\n"
+                                   "factor, and find by bisection the factor at which it breaks (local error above tol,\n"
+                                   "or Inf/NaN where FP32 is finite). Exit 1 when a module breaks below --min-factor.")
+    p.add_argument("model", metavar="MODULE:FACTORY", help="where to get the model, e.g. models.py:build")
+    p.add_argument("--input", "-i", action="append", type=_input_type, metavar="SPEC", default=[],
+                   help="a shape[:dtype[:n]] of random values or a .safetensors/.pt file (repeatable; see 'report --help')")
+    p.add_argument("--input-kwargs", action="store_true",
+                   help="pass the tensors of .safetensors inputs as keyword arguments named by key")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of random inputs (default {DEFAULT_SEED})")
+    p.add_argument("--target", "-t", type=_target_type, metavar="T", required=True,
+                   help="backend:dtype, e.g. strict:fp16, eager:fp16, autocast:fp16, eager:bf16")
+    p.add_argument("--tol", type=_tol_type, default=None,
+                   help="bound on each module's local --metric (default per dtype: fp16 1e-2, bf16 5e-2 relative L2)")
+    p.add_argument("--metric", type=_metric_type, default="rel_l2", help="rel_l2 (default), max_abs, cosine, sqnr")
+    p.add_argument("--modules", action="append", metavar="GLOB", default=None,
+                   help="measure the modules matching GLOB (repeatable; default: every leaf module)")
+    p.add_argument("--max-factor", type=_tol_type, default=1024.0, metavar="S",
+                   help="largest input growth tried (default 1024); modules fine there never break")
+    p.add_argument("--min-factor", type=_tol_type, default=2.0, metavar="S",
+                   help="exit 1 when a module breaks below this factor (default 2: less than one doubling)")
+    p.add_argument("--device", type=_device_type, default=None,
+                   help="move the model and inputs there (default: where the factory put the model)")
+    p.add_argument("--json", metavar="PATH", help="also write the margins as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="print one line; no progress bars")
+    p.set_defaults(run=_cmd_margin)
     return parser
 
 

@@ -52,6 +52,7 @@ from torch import Tensor
 from .errors import InvalidArgument
 from .io.dumps import Dump, PathLike, _few, load_dump
 from .io.engine_outputs import link_engine
+from .io.jsonable import json_float
 from .metrics import ErrorMetrics, get_metric, measure
 
 __all__ = ["DumpComparison", "TensorComparison", "compare"]
@@ -93,7 +94,7 @@ class TensorComparison:
             "dtype_b": _dtype_str(self.dtype_b),
             "metrics": None
             if self.metrics is None
-            else {name: _json_float(self.metrics[name]) for name in ErrorMetrics.__dataclass_fields__},
+            else {name: json_float(self.metrics[name]) for name in ErrorMetrics.__dataclass_fields__},
             "passed": self.passed,
             "problem": self.problem,
             "origin": self.origin,
@@ -183,7 +184,7 @@ class DumpComparison:
             "target_a": self.target_a,
             "target_b": self.target_b,
             "metric": self.metric,
-            "tol": _json_float(self.tol),
+            "tol": json_float(self.tol),
             "passed": bool(self),
             "exit_code": self.exit_code,
             "verdict": self.verdict(),
@@ -396,11 +397,6 @@ def _measurable(t: Tensor) -> Tensor:
         t = t.to(torch.float64)
     return t
 
-
-def _json_float(value: float) -> float | str:
-    if math.isfinite(value):
-        return value
-    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
 
 
 def _dtype_str(dtype: torch.dtype) -> str:

@@ -1,4 +1,5 @@
-"""Training-time early warning: FP16 headroom of every module's output, sampled every N steps.
+"""Training-time early warning: FP16 headroom of every module's output, sampled every N steps, and
+(with ``target=``) the margin of the weakest modules under a target.
 
 Activations often grow as training goes on (more data, longer training, a learning-rate bump) until
 one of them no longer fits FP16 (max 65504) and an FP16 engine or an autocast run breaks. ``Monitor``
@@ -40,15 +41,27 @@ By then ``HeadroomTrendWarning`` (at step 11 for ``grow``: "reaches 0 bits aroun
 (``torch.autocast(enabled=False)`` around it, or ``tp.bisect``'s plan); ``tp.report(model, inputs)``
 shows whether the FP16 targets already diverge there.
 
+Margins under a target
+    Headroom sees a module's *output*; a LayerNorm that an ONNX -> TensorRT engine decomposes breaks
+    when its centred *input* passes 256, long before any output nears 65504. With
+    ``target="strict:fp16"`` (say), every ``margin_every`` samples the monitor also measures
+    :func:`torchprobe.margin` on that step's own inputs, just before the forward runs: at the first
+    such sample over every monitored leaf module, then over the ``margin_modules`` weakest of them.
+    It warns (``LowMarginWarning``) when a margin falls below ``min_margin`` and
+    (``MarginTrendWarning``), earlier, when ``log2(margin)`` is trending to 0: "at this rate
+    'encoder.layer.0.output.LayerNorm' breaks under strict:fp16 around step 12000". The margin is
+    measured on private copies in eval mode (dropout off); the model is never changed.
+
 Cost: hooks exist only during sampled steps (``step % every == 0``); between samples the model runs
-with no torchprobe code at all. During a sample each module output costs a handful of small
-reductions on its own device and nothing is copied to the host until the sample is finalized (at the
-next ``step()``, ``close()`` or when ``history`` is read), where all values move in one transfer.
+with no torchprobe code at all. During a sample each module output is reduced to a statistics vector
+on its own device (:class:`torchprobe.stats.Summarizer`) and nothing is copied to the host until the
+sample is finalized (at the next ``step()``, ``close()`` or when ``history`` is read), where all
+vectors move in one transfer per device. A margin sample costs a few dozen replays of each measured
+module plus two copies of the model.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -58,31 +71,40 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from tabulate import tabulate
 from torch import Tensor, nn
-from torch.utils import _pytree as pytree
 
-from .atomic import write_text
-from .errors import InvalidArgument
-from .names import name_filter
-from .formats import FP16_MAX, FP16_MIN_SUBNORMAL
+from .io.atomic import write_text
+from .capture import Call, module_calls
+from .errors import InvalidArgument, UnsupportedTarget
+from .formats import FP16_MAX
 from .formats import headroom_bits as _headroom_bits
+from .io.jsonable import float_from_json, json_float
+from .localize.margin import DEFAULT_MIN_FACTOR, Margins, margins_of
+from .names import ROOT, module_names, name_filter
+from .progress import quiet
+from .stats import Summarizer, SlabRow, TensorStats, to_host
+from .stats import read as read_stats
+from .targets import get_backend, model_device, parse_target
+from .tree import named_leaves
 
 __all__ = [
     "Monitor",
     "MonitorHistory",
     "ModuleHistory",
+    "MarginHistory",
+    "MarginPoint",
     "Sample",
     "GradStats",
     "HeadroomWarning",
     "LowHeadroomWarning",
     "HeadroomTrendWarning",
+    "MarginWarning",
+    "LowMarginWarning",
+    "MarginTrendWarning",
 ]
 
-ROOT = "(root)"
 _FORMAT = "torchprobe.monitor"
 _VERSION = 1
-_TABLE_ROWS = 10
 
 
 # --------------------------------------------------------------------------------------------------
@@ -115,6 +137,31 @@ class HeadroomTrendWarning(HeadroomWarning):
     """A module's headroom falls steadily and extrapolates to 0 bits within ``trend_window`` samples."""
 
     kind = "trend"
+
+
+class MarginWarning(HeadroomWarning):
+    """A margin warning: ``factor`` (how much the module's inputs may grow before it breaks under
+    ``target``); ``headroom`` is ``log2(factor)``, ``absmax`` is NaN (not a statistic of the output)."""
+
+    kind = "margin"
+
+    def __init__(self, message: str, *, module: str, step: int, factor: float, target: str) -> None:
+        super().__init__(message, module=module, step=step, absmax=math.nan, headroom=math.log2(factor))
+        self.factor = factor
+        self.target = target
+
+
+class LowMarginWarning(MarginWarning):
+    """A module's margin under the target fell below ``min_margin``."""
+
+    kind = "low-margin"
+
+
+class MarginTrendWarning(MarginWarning):
+    """A module's margin shrinks steadily and extrapolates to x1 (it breaks) within
+    ``trend_window`` more margin samples."""
+
+    kind = "margin-trend"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,10 +238,50 @@ class ModuleHistory:
 
     def trend(self, window: int) -> float | None:
         """Least-squares slope of headroom (bits per step) over the last ``window`` samples."""
-        return _slope(self.samples[-window:]) if window >= 2 else None
+        return _slope(self.steps[-window:], self.headroom[-window:]) if window >= 2 else None
 
     def __len__(self) -> int:
         return len(self.samples)
+
+
+@dataclass(frozen=True)
+class MarginPoint:
+    """One margin sample of one module: the factor its inputs may grow by before it breaks."""
+
+    step: int
+    factor: float
+    reason: str | None = None
+
+    @property
+    def bits(self) -> float:
+        return math.log2(self.factor)
+
+
+@dataclass(frozen=True)
+class MarginHistory:
+    """Every margin sample of one module under the monitor's target, in step order."""
+
+    module: str
+    points: tuple[MarginPoint, ...] = ()
+
+    @property
+    def steps(self) -> tuple[int, ...]:
+        return tuple(p.step for p in self.points)
+
+    @property
+    def factors(self) -> tuple[float, ...]:
+        return tuple(p.factor for p in self.points)
+
+    @property
+    def last(self) -> MarginPoint | None:
+        return self.points[-1] if self.points else None
+
+    def trend(self, window: int) -> float | None:
+        """Least-squares slope of ``log2(factor)`` (bits per step) over the last ``window`` points."""
+        return _slope(self.steps[-window:], [p.bits for p in self.points[-window:]]) if window >= 2 else None
+
+    def __len__(self) -> int:
+        return len(self.points)
 
 
 @dataclass(frozen=True)
@@ -203,7 +290,8 @@ class MonitorHistory:
 
     ``hist["encoder.layers.0"]`` gives a module's history, ``hist.least_headroom(5)`` the five
     modules closest to FP16 overflow at their latest sample, ``hist.unvisited()`` monitored modules
-    that never produced a floating output in a sampled step. ``str(hist)`` is a short table.
+    that never produced a floating output in a sampled step. With a target, ``hist.margins`` holds
+    the margin samples (``hist.margin("name")``). ``str(hist)`` is a short table.
     """
 
     modules: tuple[ModuleHistory, ...]
@@ -211,6 +299,10 @@ class MonitorHistory:
     headroom_bits: float
     trend_window: int
     grads: bool = False
+    target: str | None = None
+    margin_every: int | None = None
+    min_margin: float | None = None
+    margins: tuple[MarginHistory, ...] = ()
     _index: dict[str, ModuleHistory] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -248,8 +340,18 @@ class MonitorHistory:
         ranked = sorted((m for m in self.modules if m.samples), key=_rank_key)
         return ranked if n is None else ranked[:n]
 
+    def margin(self, name: str) -> MarginHistory:
+        for m in self.margins:
+            if m.module == name:
+                return m
+        raise KeyError(f"no margin samples of {name!r}; measured: {_preview([m.module for m in self.margins])}")
+
+    def least_margin(self) -> list[MarginHistory]:
+        """Modules with margin samples, smallest latest factor first."""
+        return sorted((m for m in self.margins if m.points), key=lambda m: (m.last.factor, m.module))
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "format": _FORMAT,
             "version": _VERSION,
             "every": self.every,
@@ -258,6 +360,13 @@ class MonitorHistory:
             "grads": self.grads,
             "modules": [_module_to_dict(m) for m in self.modules],
         }
+        if self.target is not None:
+            out["margin"] = {
+                "target": self.target, "every": self.margin_every, "min_margin": self.min_margin,
+                "modules": [{"module": m.module, "step": list(m.steps), "factor": [json_float(f) for f in m.factors],
+                             "reason": [p.reason for p in m.points]} for m in self.margins],
+            }
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MonitorHistory:
@@ -267,16 +376,25 @@ class MonitorHistory:
         if data.get("version") != _VERSION:
             raise InvalidArgument(f"monitor history version {data.get('version')!r} is not supported; "
                                   f"this torchprobe reads version {_VERSION}")
+        margin = data.get("margin") or {}
         return cls(
             modules=tuple(_module_from_dict(m) for m in data["modules"]),
             every=int(data["every"]),
             headroom_bits=float(data["headroom_bits"]),
             trend_window=int(data["trend_window"]),
             grads=bool(data.get("grads", False)),
+            target=margin.get("target"),
+            margin_every=margin.get("every"),
+            min_margin=margin.get("min_margin"),
+            margins=tuple(MarginHistory(str(m["module"]), tuple(
+                MarginPoint(int(s), float_from_json(f), r) for s, f, r in zip(m["step"], m["factor"], m["reason"])))
+                for m in margin.get("modules", ())),
         )
 
     def __str__(self) -> str:
-        return _render(self)
+        from .render.monitor import monitor_text
+
+        return monitor_text(self)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,24 +419,28 @@ class _GradAcc:
     numel: int = 0
 
 
-class _Record(NamedTuple):
-    """Statistics of one output tensor (or of its gradient) as 0-dim device tensors."""
+class _Pending(NamedTuple):
+    """One output tensor (or its gradient) summarized on its device, not yet on the host."""
 
     index: int
     is_grad: bool
-    numel: int
-    values: tuple[Tensor, ...]  # see _output_stats / _grad_stats
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    summary: Tensor | SlabRow
+    nonzero: Tensor | None  # gradients only: count_nonzero, for the exact-zero count
 
 
 @dataclass
 class _Sampling:
-    """The step being sampled: its hook handles, device-side records not yet on the host, host sums."""
+    """The step being sampled: its hooks, device-side summaries not yet on the host, host sums."""
 
     step: int
+    margin: bool = False  # this sample also measures margins
     hooks: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
-    records: list[_Record] = field(default_factory=list)  # device-side, not yet on the host
+    pending: list[_Pending] = field(default_factory=list)
     host: dict[int, _Acc] = field(default_factory=dict)
     open: bool = True
+    margins: Margins | None = None
 
 
 class Monitor:
@@ -335,15 +457,23 @@ class Monitor:
         grads: also record gradient statistics of module outputs (``GradStats``) through tensor
             hooks, which survive in-place ops after the module (``nn.ReLU(inplace=True)``).
         trend_window: number of latest samples of a module fitted by least squares for the trend
-            warning, which fires when the fitted headroom reaches 0 bits within as many more samples.
+            warnings, which fire when the fit reaches 0 (bits of headroom, or of margin) within as
+            many more samples.
+        target: a target such as ``"strict:fp16"``: also measure the margin of the weakest modules
+            under it (see the module docstring). ``None`` (default): headroom only.
+        margin_every: measure margins at every ``margin_every``-th sample (default 10).
+        margin_modules: how many of the weakest modules the later margin samples follow (default 3).
+        min_margin: warn when a margin falls below this factor (default 2: less than one doubling).
+        margin_tol: the local-error tolerance of the margin (default per dtype, as ``tp.margin``).
 
     Call ``step()`` once per training iteration, **before** that iteration's forward pass: it
     finalizes the previous sample (one host transfer, warnings) and installs hooks if the new step is
     sampled. A sampled step's forward and backward both count towards it. Use it as a context manager
     or call ``close()``, which finalizes and removes every hook, also when the body raises.
 
-    Warnings are ``LowHeadroomWarning`` and ``HeadroomTrendWarning`` (both ``HeadroomWarning``,
-    a ``UserWarning``), at most one per module per kind, issued when a sample is finalized.
+    Warnings are ``LowHeadroomWarning``, ``HeadroomTrendWarning``, ``LowMarginWarning`` and
+    ``MarginTrendWarning`` (all ``HeadroomWarning``, a ``UserWarning``), at most one per module
+    per kind, issued when a sample is finalized.
     """
 
     def __init__(
@@ -355,30 +485,59 @@ class Monitor:
         headroom_bits: float = 2.0,
         grads: bool = False,
         trend_window: int = 5,
+        *,
+        target: str | None = None,
+        margin_every: int = 10,
+        margin_modules: int = 3,
+        min_margin: float = DEFAULT_MIN_FACTOR,
+        margin_tol: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InvalidArgument(f"model= must be a torch.nn.Module; got {type(model).__name__}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise InvalidArgument(f"every= must be a positive int (sample one step in every N); got {every!r}")
-        if isinstance(trend_window, bool) or not isinstance(trend_window, int) or trend_window < 2:
-            raise InvalidArgument(f"trend_window= must be an int >= 2 (samples fitted for the trend); got {trend_window!r}")
+        _check_count("every", every, 1, "sample one step in every N")
+        _check_count("trend_window", trend_window, 2, "samples fitted for the trend")
         if isinstance(headroom_bits, bool) or not isinstance(headroom_bits, (int, float)) or not 0 <= headroom_bits < math.inf:
             raise InvalidArgument(f"headroom_bits= must be a finite number >= 0 (warn when absmax > 65504 / 2**headroom_bits; "
                                   f"the default 2.0 warns above 16376); got {headroom_bits!r}")
         keep = name_filter(include, exclude)
-        named = [(name or ROOT, module) for name, module in model.named_modules()]
-        self._targets = [(name, module) for name, module in named if keep(name)]
-        if not self._targets:
+        named = [(n.name, m) for m, n in module_names(model).items()]
+        watched = [(name, module) for name, module in named if keep(name)]
+        if not watched:
             raise InvalidArgument(f"include={include!r} / exclude={exclude!r} leave no module to monitor; "
                                   f"module names are: {_preview([n for n, _ in named])}")
-        self._containers = [any(True for _ in module.children()) for _, module in self._targets]
+        self._model = model
+        self._names = [name for name, _ in watched]
+        self._index = {name: i for i, name in enumerate(self._names)}
+        self._containers = [any(True for _ in module.children()) for _, module in watched]
         self.every = every
         self.headroom_bits = float(headroom_bits)
         self.grads = bool(grads)
         self.trend_window = trend_window
+        self.target: str | None = None
+        if target is not None:
+            parsed = parse_target(target)
+            if parsed.is_reference:
+                raise InvalidArgument(f"target={target!r} is the FP32 reference; give a low-precision target such as 'strict:fp16'")
+            reason = get_backend(parsed.backend).unavailable(model_device(model))
+            if reason:
+                raise UnsupportedTarget(f"target {parsed} cannot run here: {reason}")
+            self.target = str(parsed)
+            _check_count("margin_every", margin_every, 1, "measure margins at one sample in every N")
+            _check_count("margin_modules", margin_modules, 1, "how many of the weakest modules to follow")
+            if isinstance(min_margin, bool) or not isinstance(min_margin, (int, float)) or not 1 <= min_margin < math.inf:
+                raise InvalidArgument(f"min_margin= must be a finite number >= 1 (warn when a module's inputs may grow "
+                                      f"less than this factor before it breaks); got {min_margin!r}")
+        self.margin_every = margin_every
+        self.margin_modules = margin_modules
+        self.min_margin = float(min_margin)
+        self.margin_tol = margin_tol
+        self._margin_names: list[str] | None = None  # None: the next margin sample scans every leaf
+        self._margins: dict[str, list[MarginPoint]] = {}
+        self._summarize = Summarizer()
         self._step = -1
+        self._sample_count = 0
         self._sampling: _Sampling | None = None
-        self._samples: list[list[Sample]] = [[] for _ in self._targets]
+        self._samples: list[list[Sample]] = [[] for _ in self._names]
         self._warned: set[tuple[str, str]] = set()  # (module, warning kind)
         self._closed = False
 
@@ -424,7 +583,7 @@ class Monitor:
     @property
     def modules(self) -> tuple[str, ...]:
         """Qualified names of the monitored modules."""
-        return tuple(name for name, _ in self._targets)
+        return tuple(self._names)
 
     @property
     def history(self) -> MonitorHistory:
@@ -436,11 +595,15 @@ class Monitor:
             for index, acc in self._sampling.host.items():
                 samples[index].append(_sample(self._sampling.step, acc))
         return MonitorHistory(
-            modules=tuple(ModuleHistory(name, tuple(s)) for (name, _), s in zip(self._targets, samples)),
+            modules=tuple(ModuleHistory(name, tuple(s)) for name, s in zip(self._names, samples)),
             every=self.every,
             headroom_bits=self.headroom_bits,
             trend_window=self.trend_window,
             grads=self.grads,
+            target=self.target,
+            margin_every=self.margin_every if self.target else None,
+            min_margin=self.min_margin if self.target else None,
+            margins=tuple(MarginHistory(name, tuple(points)) for name, points in self._margins.items()),
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -468,58 +631,88 @@ class Monitor:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"step {self._step}"
-        return (f"Monitor({len(self._targets)} modules, every={self.every}, headroom_bits={self.headroom_bits}, "
-                f"grads={self.grads}, {state})")
+        target = f", target={self.target!r}" if self.target else ""
+        return (f"Monitor({len(self._names)} modules, every={self.every}, headroom_bits={self.headroom_bits}, "
+                f"grads={self.grads}{target}, {state})")
 
     # -- sampling ------------------------------------------------------------------------------------
 
     def _start(self, step: int) -> None:
-        sampling = _Sampling(step)
+        margin = self.target is not None and self._sample_count % self.margin_every == 0
+        self._sample_count += 1
+        sampling = _Sampling(step, margin)
+        keep = (lambda n: n in self._index or n == ROOT) if margin else (lambda n: n in self._index)
         try:
-            for index, (_, module) in enumerate(self._targets):
-                sampling.hooks.enter_context(module.register_forward_hook(self._forward_hook(index, sampling)))
+            sampling.hooks.enter_context(module_calls(
+                self._model, keep, before=self._margin_hook(sampling) if margin else None,
+                after=self._output_hook(sampling), per_module=True))
         except BaseException:
             sampling.hooks.close()
             raise
         self._sampling = sampling
 
-    def _forward_hook(self, index: int, sampling: _Sampling):
-        grads = self.grads
+    def _output_hook(self, sampling: _Sampling):
+        summarize, grads = self._summarize, self.grads
 
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if not sampling.open:
+        def after(call: Call, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            index = self._index.get(call.name)
+            if not sampling.open or index is None:
                 return
-            for leaf in _tensor_leaves(output):
+            for _, leaf in named_leaves(output):
                 if not _measurable(leaf):
                     continue
-                sampling.records.append(_Record(index, False, leaf.numel(), _output_stats(leaf.detach())))
+                sampling.pending.append(_Pending(index, False, leaf.dtype, tuple(leaf.shape), summarize(leaf), None))
                 if grads and leaf.requires_grad:
-                    sampling.hooks.enter_context(leaf.register_hook(_grad_hook(index, sampling)))
+                    sampling.hooks.enter_context(leaf.register_hook(self._grad_hook(index, sampling)))
+
+        return after
+
+    def _grad_hook(self, index: int, sampling: _Sampling):
+        summarize = self._summarize
+
+        def hook(grad: Tensor) -> None:
+            if sampling.open and _measurable(grad):
+                g = grad.detach()
+                sampling.pending.append(_Pending(index, True, g.dtype, tuple(g.shape), summarize(g),
+                                                 torch.count_nonzero(g).reshape(1)))
+            return None
 
         return hook
 
+    def _margin_hook(self, sampling: _Sampling):
+        """Before the sampled step's forward: the margins of the model as it is, on its own inputs."""
+
+        def before(call: Call, module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if call.name != ROOT or not sampling.open or sampling.margins is not None:
+                return
+            with quiet():  # margin()'s copies of the model drop these hooks: nothing records twice
+                sampling.margins = margins_of(module, args, kwargs, self.target, modules=self._margin_candidates(),
+                                              tol=self.margin_tol)
+
+        return before
+
+    def _margin_candidates(self) -> list[str]:
+        if self._margin_names is not None:
+            return self._margin_names
+        leaves = [n for n, container in zip(self._names, self._containers) if not container]
+        return leaves or list(self._names)
+
     def _flush(self) -> None:
-        """Move the device-side records of the step being sampled to the host, in one transfer."""
+        """Move the summaries of the step being sampled to the host: one transfer per device."""
         sampling = self._sampling
-        if sampling is None or not sampling.records:
+        if sampling is None or not sampling.pending:
             return
-        records, sampling.records = sampling.records, []
-        values = iter(_to_host([v for r in records for v in r.values]))
-        for r in records:
-            acc = sampling.host.setdefault(r.index, _Acc())
-            if not r.is_grad:
-                absmax, neg_nonfinite = next(values), next(values)
-                acc.absmax = max(acc.absmax, absmax)
-                acc.nonfinite += round(-neg_nonfinite)
+        pending, sampling.pending = sampling.pending, []
+        stats = read_stats([(p.dtype, p.shape, p.summary) for p in pending])
+        grads = [i for i, p in enumerate(pending) if p.nonzero is not None]
+        nonzero = dict(zip(grads, to_host([pending[i].nonzero for i in grads])))
+        for i, (p, s) in enumerate(zip(pending, stats)):
+            acc = sampling.host.setdefault(p.index, _Acc())
+            if not p.is_grad:
+                acc.absmax = max(acc.absmax, s.absmax)
+                acc.nonfinite += s.nonfinite
             else:
-                absmax, neg_nonfinite, nonzero, at_least_tiny = (next(values) for _ in range(4))
-                nonfinite, nonzero = round(-neg_nonfinite), round(nonzero)
-                g = acc.grad = acc.grad or _GradAcc()
-                g.absmax = max(g.absmax, absmax)
-                g.tiny += nonzero - round(at_least_tiny)
-                g.zeros += r.numel - nonzero - nonfinite
-                g.nonfinite += nonfinite
-                g.numel += r.numel
+                _add_grad(acc, s, int(nonzero[i][0]))
 
     def _finish(self, *, warn: bool, stacklevel: int) -> None:
         """Finalize the step being sampled: host transfer, hooks removed (always), warnings."""
@@ -534,11 +727,25 @@ class Monitor:
             sampling.hooks.close()
         for index, acc in sampling.host.items():
             self._samples[index].append(_sample(sampling.step, acc))
+        measured = self._record_margins(sampling)
         if warn:
             indices = sorted(sampling.host)
             falling = self._falling(indices)
             for index in indices:
                 self._check(index, falling.get(index), stacklevel + 1)
+            for name in measured:
+                self._check_margin(name, stacklevel + 1)
+
+    def _record_margins(self, sampling: _Sampling) -> list[str]:
+        mg = sampling.margins
+        if mg is None:
+            return []
+        if self._margin_names is None:
+            self._margin_names = [m.module for m in mg.rows[: self.margin_modules]]
+        for m in mg.rows:
+            self._margins.setdefault(m.module, []).append(
+                MarginPoint(sampling.step, m.factor, None if m.reason is None else str(m.reason)))
+        return [m.module for m in mg.rows]
 
     def _close(self, *, warn: bool, stacklevel: int) -> None:
         try:
@@ -550,12 +757,13 @@ class Monitor:
 
     def _check(self, index: int, falling: tuple[int, float] | None, stacklevel: int) -> None:
         """Warn about module ``index``'s latest sample, at most once per kind."""
-        name = self._targets[index][0]
+        name = self._names[index]
         samples = self._samples[index]
         last = samples[-1]
+        attrs = {"module": name, "step": last.step, "absmax": last.absmax, "headroom": last.headroom_bits}
         if falling is not None:
             at, slope = falling
-            self._warn(HeadroomTrendWarning, index, last, stacklevel,
+            self._warn(HeadroomTrendWarning, stacklevel, attrs,
                        f"{name!r}: FP16 headroom falls {-slope * self.every:.2f} bits per sample over steps "
                        f"{samples[-self.trend_window].step}..{last.step} and is {last.headroom_bits:.2f} bits at step "
                        f"{last.step} (absmax {last.absmax:.4g}); at this rate it reaches 0 bits (overflow past "
@@ -564,18 +772,18 @@ class Monitor:
             return
         threshold = FP16_MAX / 2.0**self.headroom_bits
         if last.nonfinite:
-            self._warn(LowHeadroomWarning, index, last, stacklevel,
+            self._warn(LowHeadroomWarning, stacklevel, attrs,
                        f"{name!r}: output held {last.nonfinite} NaN/Inf values at step {last.step} (absmax of the "
                        f"finite values {last.absmax:.4g}, {last.headroom_bits:.2f} bits of FP16 headroom). "
                        f"{self._advice(index)}")
         elif last.absmax > threshold:
-            self._warn(LowHeadroomWarning, index, last, stacklevel,
+            self._warn(LowHeadroomWarning, stacklevel, attrs,
                        f"{name!r}: output absmax {last.absmax:.4g} at step {last.step} leaves "
                        f"{last.headroom_bits:.2f} bits of FP16 headroom, below headroom_bits={self.headroom_bits:g} "
                        f"(absmax > {threshold:.6g}). {self._advice(index)}")
 
     def _advice(self, index: int) -> str:
-        name = self._targets[index][0]
+        name = self._names[index]
         if self._containers[index]:
             return (f"{name!r} contains other modules: the innermost module that warns is the one to keep in FP32; "
                     f"tp.report(model, inputs, targets=('strict:fp16',)) ranks the culprits.")
@@ -588,103 +796,72 @@ class Monitor:
         slope in bits per step). One vectorized fit for all modules of the sample."""
         w = self.trend_window
         rows = [i for i in indices
-                if len(self._samples[i]) >= w and (self._targets[i][0], HeadroomTrendWarning.kind) not in self._warned]
+                if len(self._samples[i]) >= w and (self._names[i], HeadroomTrendWarning.kind) not in self._warned]
         if not rows:
             return {}
         x = np.array([[s.step for s in self._samples[i][-w:]] for i in rows], dtype=np.float64)
         h = np.array([[s.headroom_bits for s in self._samples[i][-w:]] for i in rows], dtype=np.float64)
-        finite = np.isfinite(h).all(axis=1)  # an all-zero output (inf headroom) has no trend
-        h[~np.isfinite(h)] = 0.0
-        dx = x - x.mean(axis=1, keepdims=True)  # steps are distinct, so no row is all zero
-        slope = (dx * (h - h.mean(axis=1, keepdims=True))).sum(axis=1) / (dx * dx).sum(axis=1)
-        fitted_last = h.mean(axis=1) + slope * dx[:, -1]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            steps_left = fitted_last / -slope
-        hit = finite & (slope < 0) & (steps_left <= w * self.every)
-        return {rows[k]: (int(x[k, -1]) + max(0, math.ceil(steps_left[k])), float(slope[k])) for k in np.flatnonzero(hit)}
+        hits = _reaching_zero(x, h, w * self.every)
+        return {rows[k]: hit for k, hit in enumerate(hits) if hit is not None}
 
-    def _warn(self, category: type[HeadroomWarning], index: int, sample: Sample, stacklevel: int, message: str) -> None:
-        name = self._targets[index][0]
+    def _check_margin(self, name: str, stacklevel: int) -> None:
+        """Warn about the latest margin of ``name``: trending to x1, or below ``min_margin``."""
+        points = self._margins[name]
+        last = points[-1]
+        attrs = {"module": name, "step": last.step, "factor": last.factor, "target": self.target}
+        w = self.trend_window
+        spacing = self.every * self.margin_every
+        recent = points[-w:]
+        if len(recent) == w and (name, MarginTrendWarning.kind) not in self._warned:
+            x = np.array([[p.step for p in recent]], dtype=np.float64)
+            y = np.array([[p.bits for p in recent]], dtype=np.float64)
+            hit = _reaching_zero(x, y, w * spacing)[0]
+            if hit is not None:
+                at, slope = hit
+                self._warn(MarginTrendWarning, stacklevel, attrs,
+                           f"{name!r}: its margin under {self.target} shrinks from x{recent[0].factor:.3g} at step "
+                           f"{recent[0].step} to x{last.factor:.3g} at step {last.step} ({2 ** (slope * spacing):.3g}x "
+                           f"per margin sample); at this rate {name} breaks under {self.target} around step {at}. "
+                           f"{self._margin_advice(name)}")
+        if last.factor < self.min_margin:
+            self._warn(LowMarginWarning, stacklevel, attrs,
+                       f"{name!r}: margin x{last.factor:.3g} under {self.target} at step {last.step}: its inputs may "
+                       f"grow only {last.factor:.3g}x before it breaks ({last.reason}), below "
+                       f"min_margin={self.min_margin:g}. {self._margin_advice(name)}")
+
+    def _margin_advice(self, name: str) -> str:
+        return (f"Keep {name!r} in FP32 under {self.target} (tp.bisect finds the plan); tp.margin(model, inputs, "
+                f"target={self.target!r}) lists every module's margin.")
+
+    def _warn(self, category: type[HeadroomWarning], stacklevel: int, attrs: dict[str, Any], message: str) -> None:
+        name = attrs["module"]
         if (name, category.kind) in self._warned:
             return
         self._warned.add((name, category.kind))
-        warnings.warn(category(message, module=name, step=sample.step, absmax=sample.absmax,
-                               headroom=sample.headroom_bits), stacklevel=stacklevel + 1)
+        warnings.warn(category(message, **attrs), stacklevel=stacklevel + 1)
 
 
 # --------------------------------------------------------------------------------------------------
 # Helpers
 
 
-# The statistics avoid comparison kernels (bool outputs are slow on CPU): |x| with NaN/Inf replaced
-# by -1 gives the finite absmax (a max of -1 means no finite value) and, clamped to <= 0 and summed,
-# minus the NaN/Inf count. Counts are summed in float32: exact up to 2**24 per tensor.
+def _check_count(argument: str, value: Any, least: int, meaning: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise InvalidArgument(f"{argument}= must be an int >= {least} ({meaning}); got {value!r}")
 
 
-def _tensor_leaves(obj: Any) -> Iterator[Tensor]:
-    """Tensors in a module output: any pytree (tuple, list, dict, namedtuple, registered nodes such as
-    transformers' ModelOutput), and plain dataclasses that pytree does not know, walked by field."""
-    if isinstance(obj, Tensor):
-        yield obj
-        return
-    for leaf in pytree.tree_flatten(obj)[0]:
-        if isinstance(leaf, Tensor):
-            yield leaf
-        elif dataclasses.is_dataclass(leaf) and not isinstance(leaf, type):
-            for f in dataclasses.fields(leaf):
-                yield from _tensor_leaves(getattr(leaf, f.name))
-
-
-def _measurable(x: Any) -> bool:
+def _measurable(x: Tensor) -> bool:
     """A dense floating tensor with values (integer, bool, complex, sparse and meta tensors are not)."""
-    return isinstance(x, Tensor) and x.is_floating_point() and x.layout is torch.strided and not x.is_meta and x.numel() > 0
+    return x.is_floating_point() and x.layout is torch.strided and not x.is_meta and x.numel() > 0
 
 
-def _abs(t: Tensor) -> Tensor:
-    return (t.float() if t.element_size() == 1 else t).abs()  # float8 has no nan_to_num: go through float32
-
-
-def _output_stats(t: Tensor) -> tuple[Tensor, Tensor]:
-    """(absmax over finite values, -count of NaN/Inf) of ``t``, on its device, 5 kernels."""
-    a = _abs(t).nan_to_num_(nan=-1.0, posinf=-1.0)
-    absmax = a.amax()
-    return absmax, a.clamp_(max=0.0).sum(dtype=torch.float32)
-
-
-def _grad_stats(g: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(absmax over finite values, -count of NaN/Inf, count of non-zero finite, count of |g| >= 2**-24)."""
-    a = _abs(g).nan_to_num_(nan=-1.0, posinf=-1.0)
-    absmax = a.amax()
-    neg_nonfinite = a.clamp(max=0.0).sum(dtype=torch.float32)
-    a.clamp_(min=0.0)  # NaN/Inf now count as zeros here; _flush subtracts them again
-    nonzero = a.sign().sum(dtype=torch.float32)
-    # |g| * 2**24 is exact (or inf); its floor is 0 exactly for |g| < 2**-24, the values FP16 flushes
-    at_least_tiny = a.mul_(1.0 / FP16_MIN_SUBNORMAL).floor_().clamp_(max=1.0).sum(dtype=torch.float32)
-    return absmax, neg_nonfinite, nonzero, at_least_tiny
-
-
-def _grad_hook(index: int, sampling: _Sampling):
-    def hook(grad: Tensor) -> None:
-        if sampling.open and _measurable(grad):
-            sampling.records.append(_Record(index, True, grad.numel(), _grad_stats(grad.detach())))
-        return None
-
-    return hook
-
-
-def _to_host(tensors: list[Tensor]) -> list[float]:
-    """Stack 0-dim device tensors per device (dtype promoted) and copy each stack to the host once."""
-    if not tensors:
-        return []
-    out: list[float] = [0.0] * len(tensors)
-    by_device: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_device.setdefault(t.device, []).append(i)
-    for idx in by_device.values():
-        values = torch.stack([tensors[i] for i in idx]).cpu().tolist()
-        for i, v in zip(idx, values):
-            out[i] = v
-    return out
+def _add_grad(acc: _Acc, s: TensorStats, nonzero: int) -> None:
+    g = acc.grad = acc.grad or _GradAcc()
+    g.absmax = max(g.absmax, s.absmax)
+    g.tiny += s.flush_fp16  # non-zero values below 2**-24
+    g.zeros += s.numel - nonzero  # count_nonzero counts NaN/Inf as non-zero
+    g.nonfinite += s.nonfinite
+    g.numel += s.numel
 
 
 def _sample(step: int, acc: _Acc) -> Sample:
@@ -694,19 +871,33 @@ def _sample(step: int, acc: _Acc) -> Sample:
                   headroom_bits=_headroom_bits(float(acc.absmax)), grad=grad)
 
 
-def _slope(samples: Sequence[Sample]) -> float | None:
-    """Least-squares slope of headroom over step, in bits per step (None: too few or non-finite points)."""
-    if len(samples) < 2:
+def _fit(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares slope of each row of ``y`` over the same row of ``x``, and the fitted last value."""
+    dx = x - x.mean(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slope = (dx * (y - y.mean(axis=1, keepdims=True))).sum(axis=1) / (dx * dx).sum(axis=1)
+    return slope, y.mean(axis=1) + slope * dx[:, -1]
+
+
+def _slope(steps: Sequence[int], values: Sequence[float]) -> float | None:
+    """Least-squares slope of ``values`` over ``steps`` (None: too few or non-finite points)."""
+    if len(values) < 2 or not all(math.isfinite(v) for v in values):
         return None
-    xs = [float(s.step) for s in samples]
-    ys = [s.headroom_bits for s in samples]
-    if not all(math.isfinite(y) for y in ys):
-        return None
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    if sxx == 0:
-        return None
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    slope, _ = _fit(np.array([steps], dtype=np.float64), np.array([values], dtype=np.float64))
+    return float(slope[0]) if math.isfinite(slope[0]) else None
+
+
+def _reaching_zero(x: np.ndarray, y: np.ndarray, horizon: float) -> list[tuple[int, float] | None]:
+    """Per row: (step at which the fitted line reaches 0, slope) when it falls and gets there within
+    ``horizon`` steps after the row's last step; None otherwise (or when a value is not finite)."""
+    finite = np.isfinite(y).all(axis=1)  # an all-zero output (inf headroom) has no trend
+    y = np.where(np.isfinite(y), y, 0.0)
+    slope, fitted_last = _fit(x, y)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        steps_left = fitted_last / -slope
+    hit = finite & (slope < 0) & (steps_left <= horizon)
+    return [(int(x[k, -1]) + max(0, math.ceil(steps_left[k])), float(slope[k])) if hit[k] else None
+            for k in range(len(y))]
 
 
 def _preview(names: Sequence[str], n: int = 8) -> str:
@@ -719,41 +910,7 @@ def _rank_key(m: ModuleHistory) -> tuple[int, float, str]:
     return (0 if last.nonfinite else 1, last.headroom_bits, m.module)
 
 
-def _render(hist: MonitorHistory) -> str:
-    ranked = hist.least_headroom()
-    unit = "step" if hist.every == 1 else "steps"
-    head = (f"Monitor: {len(hist)} modules, {len(hist.steps)} samples (every {hist.every} {unit}), "
-            f"warn below {hist.headroom_bits:g} bits of FP16 headroom")
-    if not ranked:
-        return head + "\n(no samples yet: call step() before each forward pass)"
-    headers = ["module", "step", "absmax", "headroom (bits)", "trend (bits/sample)", "NaN/Inf"]
-    if hist.grads:
-        headers += ["grad absmax", "grad < 2^-24", "grad zeros"]
-    rows = []
-    for m in ranked[:_TABLE_ROWS]:
-        last = m.samples[-1]
-        slope = m.trend(hist.trend_window)
-        row = [m.module, last.step, f"{last.absmax:.4g}", f"{last.headroom_bits:.2f}",
-               "" if slope is None else f"{round(slope * hist.every, 2) + 0.0:.2f}", last.nonfinite]
-        if hist.grads:
-            g = last.grad
-            row += ["", "", ""] if g is None else [f"{g.absmax:.3g}", f"{g.tiny_fraction:.1%}", f"{g.zero_fraction:.1%}"]
-        rows.append(row)
-    more = len(ranked) - _TABLE_ROWS
-    tail = f"\n... {more} more modules with more headroom" if more > 0 else ""
-    return head + "\n" + tabulate(rows, headers=headers, disable_numparse=True,
-                                         colalign=("left",) + ("right",) * (len(headers) - 1)) + tail
-
-
 # -- JSON -----------------------------------------------------------------------------------------
-
-
-def _enc(x: float) -> float | str:
-    return x if math.isfinite(x) else str(x)  # 'inf', '-inf', 'nan': strict JSON has no such numbers
-
-
-def _dec(x: float | str) -> float:
-    return float(x)
 
 
 def _module_to_dict(m: ModuleHistory) -> dict[str, Any]:
@@ -761,13 +918,13 @@ def _module_to_dict(m: ModuleHistory) -> dict[str, Any]:
     out: dict[str, Any] = {
         "module": m.module,
         "step": [x.step for x in s],
-        "absmax": [_enc(x.absmax) for x in s],
+        "absmax": [json_float(x.absmax) for x in s],
         "nonfinite": [x.nonfinite for x in s],
-        "headroom_bits": [_enc(x.headroom_bits) for x in s],
+        "headroom_bits": [json_float(x.headroom_bits) for x in s],
     }
     if any(x.grad is not None for x in s):
         out["grad"] = [None if x.grad is None else
-                       {"absmax": _enc(x.grad.absmax), "tiny": x.grad.tiny, "zeros": x.grad.zeros,
+                       {"absmax": json_float(x.grad.absmax), "tiny": x.grad.tiny, "zeros": x.grad.zeros,
                         "nonfinite": x.grad.nonfinite, "numel": x.grad.numel} for x in s]
     return out
 
@@ -778,9 +935,10 @@ def _module_from_dict(d: dict[str, Any]) -> ModuleHistory:
     columns = (d["absmax"], d["nonfinite"], d["headroom_bits"], grads)
     if any(len(c) != n for c in columns):
         raise ValueError(f"module {d['module']!r} has columns of different lengths")
+    dec = float_from_json
     samples = tuple(
-        Sample(step=int(step), absmax=_dec(a), nonfinite=int(nf), headroom_bits=_dec(h),
-               grad=None if g is None else GradStats(absmax=_dec(g["absmax"]), tiny=int(g["tiny"]), zeros=int(g["zeros"]),
+        Sample(step=int(step), absmax=dec(a), nonfinite=int(nf), headroom_bits=dec(h),
+               grad=None if g is None else GradStats(absmax=dec(g["absmax"]), tiny=int(g["tiny"]), zeros=int(g["zeros"]),
                                                      nonfinite=int(g["nonfinite"]), numel=int(g["numel"])))
         for step, a, nf, h, g in zip(d["step"], *columns)
     )

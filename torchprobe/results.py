@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from .atomic import write_text
+from .io.atomic import write_text
 from .capture import Row
 from .errors import DumpError
+from .io.jsonable import float_from_json, json_float
 from .kinds import ErrorKind, FixOutcome, Reason
-from .metrics import ErrorMetrics, get_metric
+from .metrics import ErrorMetrics, get_metric, worst_of
 from .names import CallKey, is_within
 from .stats import TensorStats
 
@@ -100,6 +100,28 @@ class Culprit:
 
 
 @dataclass(frozen=True)
+class CallError:
+    """The worst output leaf of one module call under one target and kind (:meth:`Report.call_errors`).
+
+    ``value`` is the worst value of the report's metric over the call's output leaves (``inf`` when a
+    leaf has no metrics, ``None`` when the call failed); ``metrics`` the worst leaf's metrics (None
+    when failed or a leaf has none); ``nan``/``inf`` count NaN/Inf in the target's output, all leaves.
+    """
+
+    call_key: str
+    module: str
+    call: int
+    target: str
+    kind: ErrorKind
+    value: float | None
+    metrics: ErrorMetrics | None
+    failure: str | None
+    nan: int
+    inf: int
+    leaves: int
+
+
+@dataclass(frozen=True)
 class InputStats:
     """Reference statistics of one input leaf of one module call."""
 
@@ -127,6 +149,7 @@ class Report:
     latent: tuple[Culprit, ...] = ()
     reference_finite: bool = True
     replay_failures: tuple[str, ...] = ()
+    margins: dict[str, dict[str, float]] | None = None  # report(margins=True): target -> module -> factor
 
     def __bool__(self) -> bool:
         return self.reference_finite and all(o.passed for o in self.outcomes)
@@ -142,6 +165,38 @@ class Report:
             if e.key == key and e.target == target and e.kind == kind:
                 return e
         return None
+
+    def call_errors(self) -> tuple[CallError, ...]:
+        """Per (module call, target, kind) the worst output leaf, in call order.
+
+        Calls come in the order the reference returned them (then any seen only in ``errors``),
+        each with its targets in ``targets`` order, local before propagated.
+
+            >>> [(c.call_key, c.target, str(c.kind), c.value) for c in rep.call_errors()][:2]
+            [('proj', 'eager:fp16', 'local', inf), ('proj', 'eager:fp16', 'propagated', inf)]
+        """
+        m = get_metric(self.metric)
+        order: dict[str, int] = {}
+        for r in self.rows:
+            order.setdefault(str(CallKey(r.module, r.call)), len(order))
+        groups: dict[tuple[str, str, ErrorKind], list[ModuleError]] = {}
+        for e in self.errors:
+            key = e.call_key
+            order.setdefault(key, len(order))
+            groups.setdefault((key, e.target, ErrorKind(e.kind)), []).append(e)
+        targets = {t: i for i, t in enumerate(self.targets)}
+        kinds = {ErrorKind.LOCAL: 0, ErrorKind.PROPAGATED: 1}
+        out = []
+        for (key, target, kind), errs in sorted(groups.items(), key=lambda kv: (
+                order[kv[0][0]], targets.get(kv[0][1], len(targets)), kinds[kv[0][2]])):
+            failure = next((e.failure for e in errs if e.failure), None)
+            leaf_metrics = [e.metrics for e in errs]
+            value = None if failure else m.worst(math.inf if x is None else x[m.name] for x in leaf_metrics)
+            worst = None if failure else worst_of(m, leaf_metrics)
+            out.append(CallError(key, errs[0].module, errs[0].call, target, kind, value, worst, failure,
+                                 sum(e.stats.nan or 0 for e in errs if e.stats), sum(e.stats.inf or 0 for e in errs if e.stats),
+                                 len(errs)))
+        return tuple(out)
 
     def culprits_for(self, target: str) -> list[Culprit]:
         return [c for c in self.culprits if c.target == target]
@@ -169,6 +224,8 @@ class Report:
     def to_json(self, path: str | Path) -> Path:
         """Write the report as JSON (atomically); read it back with :meth:`from_json`."""
         data = {"format": "torchprobe-report", "version": 2, **self.to_dict()}
+        if self.margins is not None:
+            data["margins"] = {t: {k: json_float(v) for k, v in m.items()} for t, m in self.margins.items()}
         return write_text(path, json.dumps(data, indent=1, default=str))
 
     @classmethod
@@ -223,6 +280,8 @@ def _report_from_dict(d: dict[str, Any]) -> Report:
         latent=tuple(_culprit(c) for c in d.get("latent", ())),
         reference_finite=d.get("reference_finite", True),
         replay_failures=tuple(d.get("replay_failures", ())),
+        margins=None if d.get("margins") is None else
+        {t: {k: float_from_json(v) for k, v in m.items()} for t, m in d["margins"].items()},
     )
 
 
@@ -298,7 +357,7 @@ class RuleComparison:
     passed: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Fix:
     """A keep-FP32 set for a target, measured end to end. ``bool(fix)`` is True when it meets tol."""
 
@@ -357,6 +416,3 @@ class Fix:
         return fix_text(self)
 
 
-def finite_or_inf(value: float) -> float:
-    """``value``, or inf when it is NaN (for ranking: an undefined error is the worst)."""
-    return math.inf if math.isnan(value) else value

@@ -274,17 +274,22 @@ class SlabRow:
         return self.block.device
 
 
+class _NoHooks:
+    calls: tuple = ()
+
+
 class _Direct:
     """One compiled specialization of the kernel, launched through Triton's own C launcher with
-    plain integers: ~3 us of host time per launch instead of ~13 us through ``CompiledKernel``
-    (which looks up the device, the stream, launch hooks and scratch allocators every time, and
-    resolves each pointer argument through ``data_ptr()`` and ``cuPointerGetAttribute``).
+    plain integers: a few us of host time per launch instead of ~13 us through ``CompiledKernel``
+    (which looks up the device and the stream, builds launch metadata and calls the launch-hook
+    chains every time, and resolves each pointer argument through ``data_ptr()`` and
+    ``cuPointerGetAttribute``).
 
     Built only when the launcher has the shape this code was written against (Triton 3.x's
-    ``CudaLauncher``: no scratch memory, no launch hooks); otherwise ``None`` and the kernel is
-    launched through Triton's public path."""
+    ``CudaLauncher``, no scratch memory); used only while no launch hook is registered (a
+    profiler such as proton): otherwise the kernel goes through Triton's public launch path."""
 
-    __slots__ = ("launch", "function", "packed", "cooperative", "pdl")
+    __slots__ = ("launch", "function", "packed", "cooperative", "pdl", "enter", "exit")
 
     @classmethod
     def of(cls, compiled: Any) -> "_Direct | None":
@@ -292,12 +297,16 @@ class _Direct:
             from triton import knobs
 
             run = compiled.run  # loads the module on the current device
-            if (knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
-                    or run.global_scratch_size or run.profile_scratch_size or not callable(run.launch)):
+            if run.global_scratch_size or run.profile_scratch_size or not callable(run.launch):
                 return None
+            hooks = [knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook]
+            hooks = [_NoHooks() if h is None else h for h in hooks]
+            if not all(isinstance(getattr(h, "calls", None), (list, tuple)) for h in hooks):
+                return None  # hooks of a shape this code does not know: always the public path
             direct = cls()
             direct.launch, direct.function, direct.packed = run.launch, compiled.function, compiled.packed_metadata
             direct.cooperative, direct.pdl = run.launch_cooperative_grid, run.launch_pdl
+            direct.enter, direct.exit = hooks
             return direct
         except Exception:  # noqa: BLE001 - another Triton: fall back to its public launch path
             return None
@@ -314,14 +323,18 @@ def _launch(kernel: Any, x: Tensor, n: int, slab: _Slab, row: int, index: int) -
     # other ints are do_not_specialize); one compiled kernel per such key and device.
     key = (x.dtype, ptr % 16 == 0, n % 16 == 0, n == 1, index, fmt, block, warps)
     direct = _compiled.get(key)
-    if direct is not None:
-        direct.launch(programs, 1, 1, torch._C._cuda_getCurrentRawStream(index), direct.function, direct.cooperative,
-                      direct.pdl, None, None, direct.packed, None, None, None,
-                      ptr, n, full, iters, slab.ptr, slab.ptr, row, block, fmt)
-        return
+    if direct is not None and not direct.enter.calls and not direct.exit.calls:
+        try:
+            direct.launch(programs, 1, 1, torch._C._cuda_getCurrentRawStream(index), direct.function, direct.cooperative,
+                          direct.pdl, None, None, direct.packed, None, None, None,
+                          ptr, n, full, iters, slab.ptr, slab.ptr, row, block, fmt)
+            return
+        except TypeError:  # the launcher parses its arguments before launching: another layout
+            _compiled[key] = None
     args = (x, n, full, iters, slab.block, slab.block.view(torch.float64), row)
-    if key in _compiled:  # no direct launcher for this Triton: its public path
-        _compiled[key + ("public",)][(programs, 1, 1)](*args, block, fmt)
+    public = _compiled.get(key + ("public",))
+    if public is not None:  # no direct launcher for this Triton, or a launch hook is registered
+        public[(programs, 1, 1)](*args, block, fmt)
         return
     compiled = kernel[(programs,)](*args, BLOCK=block, FMT=fmt, num_warps=warps)
     _compiled[key] = _Direct.of(compiled)

@@ -39,37 +39,23 @@ becomes -inf in FP16 (and in BF16), which turns a fully masked row into NaN afte
 """
 from __future__ import annotations
 
-import math
-import os
-import pickle
-import re
-import zipfile
-from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
-from tabulate import tabulate
-from torch import Tensor, nn
+from torch import Tensor
 
-from .errors import DumpError, InvalidArgument
-from .formats import FP16_MAX, headroom_bits
+from .errors import InvalidArgument
+from .formats import FP16_MAX, HEAVY_UNDERFLOW, headroom_bits
+from .io.checkpoints import NESTING_KEYS, Checkpoint, open_checkpoint
 from .names import Patterns, name_filter
 
 __all__ = ["WeightRow", "WeightReport", "check_weights", "FLUSH_RISK_FRACTION", "NESTING_KEYS"]
 
-Checkpoint = Union[nn.Module, Mapping[str, Any], str, "os.PathLike[str]"]
-
-FLUSH_RISK_FRACTION = 0.01
+FLUSH_RISK_FRACTION = HEAVY_UNDERFLOW
 """A tensor is at risk when more than this fraction of its values flush to zero in FP16."""
 
-NESTING_KEYS = ("model", "state_dict", "model_state_dict", "module")
-"""Keys under which training checkpoints keep the state dict; unwrapped in this order."""
-
 _CHUNK = 1 << 22  # elements measured at once: bounds the float64 working set to ~100 MiB
-_TABLE_ROWS = 40
-_VERDICT_NAMES = 5
 
 
 @dataclass(frozen=True)
@@ -178,10 +164,14 @@ class WeightReport:
 
     def verdict(self) -> str:
         """One paragraph: what exceeds FP16, what flushes, what is non-finite, what was skipped."""
-        return _verdict(self)
+        from .render.weights import weights_verdict
+
+        return weights_verdict(self)
 
     def __str__(self) -> str:
-        return _render(self)
+        from .render.weights import weights_text
+
+        return weights_text(self)
 
 
 def check_weights(obj: Checkpoint, *, include: Patterns = None) -> WeightReport:
@@ -202,7 +192,7 @@ def check_weights(obj: Checkpoint, *, include: Patterns = None) -> WeightReport:
     rows: list[WeightRow] = []
     skipped: list[str] = []
     seen: list[str] = []
-    source, entries = _open(obj)
+    source, entries = open_checkpoint(obj)
     for name, value in entries:
         seen.append(name)
         if not keep(name):
@@ -278,242 +268,6 @@ def _cast_error(
     return float(err.max()), float(rel.max()), int((nonzero & (cast == 0)).sum())
 
 
-# --- reading modules, state dicts and checkpoint files ------------------------------------------
-
-
-def _open(obj: Checkpoint) -> tuple[str, Iterator[tuple[str, Any]]]:
-    """A label for ``obj`` and its (name, value) entries, produced lazily where the format allows."""
-    if isinstance(obj, nn.Module):
-        return type(obj).__name__, _module_entries(obj)
-    if isinstance(obj, (str, os.PathLike)):
-        path = Path(obj)
-        if path.suffix == ".safetensors":
-            return str(path), _safetensors_entries(path)
-        label, state = _unwrap(str(path), _torch_load(path))
-        if not isinstance(state, Mapping):
-            raise DumpError(
-                f"{path} holds a {type(state).__name__}, not a state dict (name -> tensor); "
-                "save model.state_dict() and check that file"
-            )
-        return label, _state_entries(state, label, DumpError)
-    if isinstance(obj, Mapping):
-        label, state = _unwrap("state dict", obj)
-        if isinstance(state, nn.Module):
-            return label, _module_entries(state)
-        return label, _state_entries(state, label, InvalidArgument)
-    raise InvalidArgument(
-        f"check_weights(obj=...) takes an nn.Module, a state dict (name -> tensor) or a checkpoint "
-        f"path (.pt/.pth/.bin/.safetensors); got {type(obj).__name__}"
-    )
-
-
-def _unwrap(label: str, state: Any) -> tuple[str, Any]:
-    """Follow ``{"model": sd}``-style nestings; the label records the keys taken."""
-    while isinstance(state, Mapping):
-        key = next(
-            (k for k in NESTING_KEYS if isinstance(state.get(k), (Mapping, nn.Module))), None
-        )
-        if key is None:
-            break
-        label, state = f"{label}[{key!r}]", state[key]
-    return label, state
-
-
-def _module_entries(module: nn.Module) -> Iterator[tuple[str, Any]]:
-    state = module.state_dict()
-    yield from state.items()
-    for name, buffer in module.named_buffers():
-        if name not in state:  # non-persistent: not saved, but used by forward
-            yield name, buffer
-
-
-def _state_entries(
-    state: Mapping[str, Any], label: str, error: type[Exception]
-) -> Iterator[tuple[str, Any]]:
-    entries = list(_walk(state, ""))
-    if not any(isinstance(v, Tensor) for _, v in entries):
-        keys = ", ".join(repr(k) for k in list(state)[:8]) or "none"
-        raise error(
-            f"{label} holds no tensors (top-level keys: {keys}); pass the state dict itself, "
-            f"or one nested under any of {', '.join(NESTING_KEYS)}"
-        )
-    return iter(entries)
-
-
-def _walk(state: Mapping[str, Any], prefix: str) -> Iterator[tuple[str, Any]]:
-    for key, value in state.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            yield from _walk(value, name + ".")
-        else:
-            yield name, value
-
-
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(
-            path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
-        )
-    except OSError as e:
-        raise _file_error(path, e) from e
-    except pickle.UnpicklingError as e:
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if unsafe:
-            raise DumpError(
-                f"{path} pickles {unsafe.group(1)}, which torch.load(weights_only=True) refuses to "
-                "load because it could run arbitrary code; if you trust the file, load it with "
-                "torch.load(path, weights_only=False) and pass the module or its state_dict() to "
-                "check_weights, or re-save only model.state_dict()"
-            ) from e
-        raise _corrupt(path, e) from e
-    except Exception as e:  # torch raises RuntimeError, EOFError, ValueError... for damaged files
-        raise _corrupt(path, e) from e
-
-
-def _safetensors_entries(path: Path) -> Iterator[tuple[str, Any]]:
-    from safetensors import safe_open
-
-    try:
-        handle = safe_open(str(path), framework="pt", device="cpu")
-    except OSError as e:
-        raise _file_error(path, e) from e
-    except Exception as e:  # SafetensorError for a bad header or size
-        raise _corrupt(path, e) from e
-    for name in handle.keys():
-        try:
-            tensor = handle.get_tensor(name)
-        except Exception as e:
-            raise _corrupt(path, e) from e
-        yield name, tensor
-
-
-def _file_error(path: Path, e: OSError) -> DumpError:
-    if isinstance(e, FileNotFoundError):
-        return DumpError(f"checkpoint not found: {path}; check the path")
-    if path.is_dir():
-        return DumpError(
-            f"{path} is a directory; pass one checkpoint file (for sharded checkpoints, one shard "
-            "at a time)"
-        )
-    return DumpError(f"cannot read checkpoint {path}: {e.strerror or e}")
-
-
-def _corrupt(path: Path, e: Exception) -> DumpError:
-    detail = _first_line(e)
-    return DumpError(
-        f"{path} could not be read as a {'safetensors' if path.suffix == '.safetensors' else 'torch'}"
-        f" checkpoint ({type(e).__name__}: {detail}); it is corrupted or truncated, or not a "
-        "torch.save/safetensors file: re-save or re-download it"
-    )
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e)
-    found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
-    line = found.group(1) if found else next((s for s in text.splitlines() if s.strip()), "")
-    line = line.strip()
-    return line if len(line) <= 160 else line[:157] + "..."
-
-
-# --- rendering ---------------------------------------------------------------------------------
-
-
 def _risk_key(row: WeightRow) -> tuple[int, float, str]:
     rank = 0 if ("nonfinite" in row.risks or "overflow" in row.risks) else 1 if row.risks else 2
     return rank, -row.absmax, row.name
-
-
-def _names(rows: list[WeightRow], describe) -> str:
-    shown = ", ".join(f"{r.name} ({describe(r)})" for r in rows[:_VERDICT_NAMES])
-    more = len(rows) - _VERDICT_NAMES
-    return shown + (f" and {more} more" if more > 0 else "")
-
-
-def _plural(n: int, one: str, many: str) -> str:
-    return one if n == 1 else many
-
-
-def _verdict(rep: WeightReport) -> str:
-    n = len(rep.rows)
-    parts: list[str] = []
-    if not rep.rows:
-        parts.append("no floating-point tensors to check.")
-    over = sorted(rep.overflowing, key=lambda r: -r.absmax)
-    flush = sorted((r for r in rep.rows if "flush" in r.risks), key=lambda r: -r.flush_fraction)
-    bad = [r for r in rep.rows if r.nonfinite]
-    if over:
-        parts.append(
-            f"{len(over)} of {n} floating tensors {_plural(len(over), 'exceeds', 'exceed')} FP16 "
-            f"range (|x| > 65504): "
-            + _names(over, lambda r: f"absmax {r.absmax:.1e}, {r.beyond_fp16} values")
-            + "."
-        )
-    if flush:
-        parts.append(
-            f"{len(flush)} of {n} {_plural(len(flush), 'flushes', 'flush')} more than "
-            f"{FLUSH_RISK_FRACTION:.0%} of {_plural(len(flush), 'its', 'their')} values to zero in "
-            "FP16: "
-            + _names(flush, lambda r: f"{r.flush_fraction:.1%}")
-            + "."
-        )
-    if bad:
-        parts.append(
-            f"{len(bad)} of {n} {_plural(len(bad), 'holds', 'hold')} NaN/Inf already: "
-            + _names(bad, lambda r: f"{r.nonfinite} values")
-            + "."
-        )
-    if rep.rows and not rep.at_risk:
-        parts.append(f"All {n} floating tensors fit FP16 (no overflow, flush <= 1%, no NaN/Inf).")
-    if rep.rows:
-        top = max(rep.rows, key=lambda r: r.absmax)
-        parts.append(
-            f"Largest absmax {top.absmax:.1e} ({top.name}, {top.headroom_bits:.1f} bits of FP16 "
-            "headroom)."
-        )
-    if rep.skipped:
-        k = len(rep.skipped)
-        shown = ", ".join(rep.skipped[:_VERDICT_NAMES]) + (
-            f" and {k - _VERDICT_NAMES} more" if k > _VERDICT_NAMES else ""
-        )
-        parts.append(
-            f"Skipped {k} {_plural(k, 'entry that is', 'entries that are')} not "
-            f"{_plural(k, 'a floating-point tensor', 'floating-point tensors')} with values: {shown}."
-        )
-    return f"{rep.source}: " + " ".join(parts)
-
-
-def _fmt(x: float) -> str:
-    return "0" if x == 0 else f"{x:.2e}" if math.isfinite(x) else str(x)
-
-
-def _render(rep: WeightReport) -> str:
-    ranked = rep.ranked()
-    shown = ranked[:_TABLE_ROWS]
-    table = tabulate(
-        [
-            (
-                r.name,
-                r.dtype,
-                "x".join(map(str, r.shape)) or "scalar",
-                _fmt(r.absmax),
-                r.beyond_fp16,
-                r.fp16_flushed,
-                r.bf16_flushed,
-                r.nonfinite,
-                _fmt(r.fp16_abs_err),
-                _fmt(r.fp16_rel_err),
-                _fmt(r.bf16_abs_err),
-                _fmt(r.bf16_rel_err),
-                ",".join(r.risks) or "-",
-            )
-            for r in shown
-        ],
-        headers=(
-            "name", "dtype", "shape", "absmax", ">fp16", "fp16 flush", "bf16 flush", "nan/inf",
-            "fp16 abs", "fp16 rel", "bf16 abs", "bf16 rel", "risk",
-        ),
-        disable_numparse=True,
-    )
-    more = len(ranked) - len(shown)
-    tail = f"\n... {more} more tensors (all in report.rows)" if more > 0 else ""
-    return f"{rep.verdict()}\n\n{table}{tail}"

@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..atomic import atomic_path
+from .atomic import atomic_path
 from ..errors import DumpError, InvalidArgument
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Dump", "TensorInfo", "load_dump", "save_dump", "PathLike"]
@@ -500,3 +500,12 @@ def _few(items: Sequence[str], limit: int = 5) -> str:
     items = list(items)
     shown = ", ".join(items[:limit])
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def safetensors_entries(path: PathLike) -> Iterator[tuple[str, Tensor]]:
+    """(name, tensor) of every tensor in any safetensors file, loaded one at a time on the CPU.
+
+    Raises what safetensors raises (OSError, SafetensorError); callers word the error."""
+    handle = safe_open(str(path), framework="pt", device="cpu")
+    for name in handle.keys():
+        yield name, handle.get_tensor(name)

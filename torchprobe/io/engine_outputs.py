@@ -67,7 +67,8 @@ class EngineOutputs:
 def load_engine_outputs(path: str | os.PathLike[str], runner: str | None = None) -> EngineOutputs:
     """Read an engine's tensors from a Polygraphy RunResults JSON, an .npz or a safetensors file.
 
-    For a Polygraphy file, ``runner`` picks one runner by name; by default the first runner that
+    For a Polygraphy file, ``runner`` picks one runner by name (or a unique prefix of its name,
+    such as ``trt-runner``); by default the first runner that
     is not the reference (Polygraphy compares each runner with the one before it, so the first is
     the reference): the second of several, or the only one. The first iteration is read.
 
@@ -75,6 +76,8 @@ def load_engine_outputs(path: str | os.PathLike[str], runner: str | None = None)
         >>> out.runner, len(out.tensors)
         ('onnxrt-runner-N0-12/01/26-22:06:52', 54)
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidArgument(f"b must be a path to the engine's outputs ({_FORMATS}); got {type(path).__name__}")
     path = Path(os.fspath(path))
     if not path.is_file():
         raise InvalidArgument(f"b={str(path)!r}: no such file; give the engine's outputs ({_FORMATS})")
@@ -118,7 +121,12 @@ def _load_polygraphy(path: Path, runner: str | None) -> EngineOutputs:
     if runner is None:
         runner = runners[1] if len(runners) > 1 else runners[0]
     elif runner not in runners:
-        raise InvalidArgument(f"runner={runner!r} is not in {path}; valid runners: {', '.join(map(repr, runners))}")
+        # Polygraphy names runners "<kind>-runner-N<i>-<date>-<time>": a unique prefix is enough.
+        starting = [name for name in runners if name.startswith(runner)]
+        if len(starting) != 1:
+            why = "is not in" if not starting else f"starts {len(starting)} runner names in"
+            raise InvalidArgument(f"runner={runner!r} {why} {path}; valid runners: {', '.join(map(repr, runners))}")
+        runner = starting[0]
     iterations = results[runner]
     if not iterations:
         raise InvalidArgument(f"runner {runner!r} in {path} has no iterations")
@@ -217,6 +225,8 @@ def link_engine(
             "was the engine built from %s?", len(conflicts), outputs.path, _few(conflicts), scopes.path,
         )
     logger.info("matched %d of %d reference tensors to %s", len(mapping), len(reference), outputs.path)
+    for key, why in unmatched.items():
+        logger.debug("no engine tensor for %s: %s", key, why)
     return EngineLink(outputs, scopes.path, MappingProxyType(mapping), MappingProxyType(unmatched), match)
 
 

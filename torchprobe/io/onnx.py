@@ -40,7 +40,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from ..atomic import atomic_path, write_text
+from .atomic import atomic_path, write_text
 from ..errors import InvalidArgument, TorchprobeError
 from ..names import ROOT, module_names
 from ..tree import as_call, leaf_key, named_leaves
@@ -369,7 +369,7 @@ def _scopes_of(model: Any, path: Path) -> OnnxScopes:
     graph_outputs = tuple(o.name for o in graph.output)
     values = _value_types(graph)
 
-    nodes: list[tuple[Any, tuple[str, ...] | None, str]] = []  # (node, chain of call identities, type)
+    nodes: list[tuple[Any, tuple[str, ...] | None, list[str] | None]] = []  # (node, module chain, classes)
     scoped = 0
     for node in graph.node:
         props = {p.key: p.value for p in node.metadata_props}
@@ -385,8 +385,7 @@ def _scopes_of(model: Any, path: Path) -> OnnxScopes:
                 chain = tuple(known) if isinstance(known, list) and len(known) == len(modules) else modules
             else:
                 chain = modules
-        module_type = (classes[-2] if classes and len(classes) >= 2 else "").rsplit(".", 1)[-1]
-        nodes.append((node, chain, module_type))
+        nodes.append((node, chain, classes))
     if not scoped:
         raise TorchprobeError(
             f"{path} has no module scopes ({SCOPES} node metadata): it was exported with the TorchScript "
@@ -396,7 +395,7 @@ def _scopes_of(model: Any, path: Path) -> OnnxScopes:
         logger.debug("%s: %d of %d nodes carry no module scope", path, len(nodes) - scoped, len(nodes))
 
     constants = set(initializers)
-    producers: dict[str, tuple[str, str]] = {}
+    producers: dict[str, tuple[str, tuple[str, ...]]] = {}
     consumers: dict[str, list[int]] = {}
     for i, (node, _, _) in enumerate(nodes):
         ins = [n for n in node.input if n]
@@ -415,12 +414,12 @@ def _scopes_of(model: Any, path: Path) -> OnnxScopes:
         member_set = set(members)
         produced: list[str] = []
         produced_set: set[str] = set()
-        used: list[str] = []
+        used: dict[str, None] = {}  # ordered set
         for i in members:
             node = nodes[i][0]
             for n in node.input:
-                if n and n not in produced_set and n not in constants and n not in used:
-                    used.append(n)
+                if n and n not in produced_set and n not in constants:
+                    used.setdefault(n)
             for o in node.output:
                 if o:
                     produced.append(o)
@@ -448,7 +447,7 @@ def _scopes_of(model: Any, path: Path) -> OnnxScopes:
     )
 
 
-def _frames(nodes: Sequence[tuple[Any, tuple[str, ...] | None, str]], exact: bool) -> list[tuple[str, str, str, list[int]]]:
+def _frames(nodes: Sequence[tuple[Any, tuple[str, ...] | None, Any]], exact: bool) -> list[tuple[str, str, str, list[int]]]:
     """Module calls as (call key, module, module type, node indices), parents before children.
 
     With exact chains (call keys from export_onnx) a call is every node whose chain names it.
@@ -502,9 +501,8 @@ def _frames(nodes: Sequence[tuple[Any, tuple[str, ...] | None, str]], exact: boo
     return [frames[ident] for ident in order]
 
 
-def _type_at(nodes: Sequence[tuple[Any, Any, str]], i: int, depth: int, chain: tuple[str, ...]) -> str:
-    props = {p.key: p.value for p in nodes[i][0].metadata_props}
-    classes = _literal_list(props.get(CLASSES))
+def _type_at(nodes: Sequence[tuple[Any, Any, list[str] | None]], i: int, depth: int, chain: tuple[str, ...]) -> str:
+    classes = nodes[i][2]
     if classes and len(classes) == len(chain) + 1:
         return classes[depth].rsplit(".", 1)[-1]
     return ""
@@ -683,7 +681,7 @@ def export_onnx(
     _import_onnx()
     args, kwargs = as_call(inputs)
 
-    copied = copy.deepcopy(model)
+    copied = copy.deepcopy(model).eval()  # as tp.dump runs it: deployment graphs are inference graphs
     try:
         program = torch.onnx.export(copied, args, kwargs=kwargs or None, dynamo=True, verbose=False, **export_options)
     except Exception as e:

@@ -72,6 +72,7 @@ def report(
     metric: str = "rel_l2",
     local: bool = True,
     offload: bool = False,
+    margins: bool = False,
 ) -> Report:
     """Find where and why ``model``'s output diverges under each target.
 
@@ -80,6 +81,9 @@ def report(
     ``metric`` for the final output and for a module's local error (default per dtype: fp16 1e-2,
     bf16 5e-2 relative L2; cosine must reach ``1 - tol``, SQNR ``tol`` dB), a float or a dict by
     target string. ``offload=True`` keeps the reference copy of every module output in host memory.
+    ``margins=True`` also measures :func:`~torchprobe.localize.margin.margin` per leaf module under
+    each target (how much its inputs may grow before it breaks): a column in the table, a line in
+    the HTML headroom plot, ``rep.margins[target][module]``.
 
         >>> rep = tp.report(model, x, targets=("eager:fp16", "strict-onnx:fp16"))
         >>> print(rep)                      # verdict per target, culprits, latent findings, table
@@ -140,6 +144,15 @@ def report(
         culprits, latent = find_findings(rows, input_stats, errors, outcomes, m, {str(t): t for t in parsed}, leaves, ignored)
     else:
         culprits, latent = reference_origin(rows, input_stats, ref_name, session.ref_runner.module), []
+    measured = None
+    if margins and reference_finite:
+        from .margin import margin
+
+        measured = {}
+        for target in parsed:
+            if session.failures.get(str(target)) is None:
+                mg = margin(model, inputs, target, tol=tols[str(target)], metric=m.name, reference=reference)
+                measured[str(target)] = {row.module: row.factor for row in mg.rows}
     return Report(
         model=type(model).__name__,
         reference=ref_name,
@@ -153,4 +166,5 @@ def report(
         latent=tuple(latent),
         reference_finite=reference_finite,
         replay_failures=tuple(replay_failures),
+        margins=measured,
     )

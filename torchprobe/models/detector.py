@@ -3,8 +3,10 @@
 Backbone (conv/BN/ReLU) -> tokens -> post-norm Transformer encoder (DETR-style) -> box and class
 heads. ``grown=True`` stands for "retrained on more data": the FFN of ``encoder.layers.1`` has
 grown until the residual sum entering ``encoder.layers.1.norm2`` reaches a few thousand. FP32,
-PyTorch FP16 and autocast are fine (PyTorch's FP16 LayerNorm accumulates in FP32); a TensorRT-like
-FP16 engine computes ``(x - mean)**2`` in FP16, which overflows 65504, and the boxes go wrong.
+PyTorch FP16 and autocast are fine (PyTorch's FP16 LayerNorm accumulates in FP32), and so is a
+Torch-TensorRT FP16 engine (``strict:fp16``: one normalization layer, FP32 inside). An ONNX export
+below opset 17 built with FP16 enabled (``strict-onnx:fp16``) computes ``(x - mean)**2`` in FP16,
+which overflows 65504, and the boxes go wrong: that is the story's engine.
 """
 from __future__ import annotations
 

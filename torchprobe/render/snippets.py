@@ -7,33 +7,22 @@ from ..targets.base import dtype_name
 
 _TORCH_DTYPE = {"fp16": "torch.float16", "bf16": "torch.bfloat16", "fp32": "torch.float32"}
 
-_KEEP_FP32_HELPER = '''\
+_KEEP_FP32_HELPER = """\
 import torch
-from torch.utils import _pytree as pytree
+from torchprobe.targets.plan import keep_fp32  # picklable hooks: the model survives deepcopy and torch.save
+"""
 
 
-def _cast(obj, dtype):
-    return pytree.tree_map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, obj)
-
-
-def keep_fp32(model, names, out_dtype=None, autocast_device=None):
-    """Run the named submodules in FP32: inputs cast up, outputs cast back to out_dtype."""
-    for name in names:
-        module = model.get_submodule(name).float()
-        inner = module.forward
-
-        def forward(*args, _inner=inner, **kwargs):
-            args, kwargs = _cast((args, kwargs), torch.float32)
-            if autocast_device is not None:
-                with torch.autocast(autocast_device, enabled=False):
-                    out = _inner(*args, **kwargs)
-            else:
-                out = _inner(*args, **kwargs)
-            return out if out_dtype is None else _cast(out, out_dtype)
-
-        module.forward = forward
-    return model
-'''
+_ONNX_SNIPPET = """
+# The ONNX -> TensorRT parser path: export the model cast to {dtype} with the kept modules in FP32
+# (their Casts are in the graph), then build strongly typed so TensorRT keeps those types:
+#     trtexec --onnx=model.onnx --stronglyTyped --saveEngine=model.plan
+# If the kept modules are LayerNorms, an export at opset_version >= 17 alone may do: LayerNormalization
+# becomes one normalization layer computed in FP32.
+KEEP_FP32 = {keep!r}
+model = keep_fp32(model, KEEP_FP32, dtype={dtype})  # in place: the rest cast to {dtype}
+torch.onnx.export(model, tuple(x.to({dtype}) for x in inputs), "model.onnx", opset_version=17, dynamo=False)
+"""
 
 
 def _header(fix: "Fix") -> str:
@@ -54,15 +43,17 @@ def fix_snippet(fix: "Fix", target: str | None = None) -> str:
         from ..targets.tensorrt import tensorrt_snippet
 
         return _header(fix) + tensorrt_snippet(keep, parse_target(fix.target).dtype)
+    if spec.backend == "strict-onnx":
+        return _header(fix) + _KEEP_FP32_HELPER + _ONNX_SNIPPET.format(keep=keep, dtype=torch_dtype)
     if spec.backend == "autocast":
         return _header(fix) + _KEEP_FP32_HELPER + (
             f"\nKEEP_FP32 = {keep!r}\n"
-            f'model = keep_fp32(model, KEEP_FP32, autocast_device="cuda")  # or "cpu"\n'
+            f'model = keep_fp32(model, KEEP_FP32, autocast_device="cuda")  # in place; or "cpu"\n'
             f'with torch.autocast("cuda", dtype={torch_dtype}):\n'
-            f"    output = model(*inputs)\n")
+            f"    output = model(*inputs)  # inputs: your model's example inputs\n")
     compile_line = "model = torch.compile(model)\n" if spec.backend == "inductor" else ""
     return _header(fix) + _KEEP_FP32_HELPER + (
         f"\nKEEP_FP32 = {keep!r}\n"
-        f"model = keep_fp32(model.to({torch_dtype}), KEEP_FP32, out_dtype={torch_dtype})\n"
+        f"model = keep_fp32(model, KEEP_FP32, dtype={torch_dtype})  # in place: the rest cast to {torch_dtype}\n"
         f"{compile_line}"
-        f"output = model(*[x.to({torch_dtype}) for x in inputs])\n")
+        f"output = model(*[x.to({torch_dtype}) for x in inputs])  # inputs: your model's example inputs\n")

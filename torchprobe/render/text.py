@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import math
+import shutil
 from typing import Sequence
 
 from tabulate import tabulate
 
 from ..kinds import ErrorKind, FixOutcome
 from ..metrics import get_metric
-from ..names import call_key_of
+from ..names import CallKey, call_key_of
 
 MAX_ROWS = 60
 NAME_WIDTH = 44
@@ -93,37 +94,28 @@ def recording_table(rec: "Recording") -> str:
     return "\n".join(parts)
 
 
+def _outcome(rep, o) -> tuple[str, str]:
+    """(verdict word, the rest of the line) for one target's outcome."""
+    if o.failure:
+        return "FAILED", o.failure
+    err = "-" if o.output_error is None else num(o.output_error[rep.metric])
+    rest = f"final {rep.metric} {err} ({get_metric(rep.metric).rule(o.tol)})"
+    culprits = ", ".join(f"{c.module} ({c.reason})" for c in rep.culprits_for(o.target)[:3])
+    latent = ", ".join(f"{c.module} ({c.reason})" for c in rep.latent_for(o.target)[:3])
+    if culprits:
+        rest += f"; culprits: {culprits}"
+    elif o.passed and latent:
+        rest += f"; latent (broken inside, masked): {latent}"
+    return ("OK" if o.passed else "DIVERGES"), rest
+
+
 def _verdict_lines(rep) -> list[str]:
-    lines = []
-    for o in rep.outcomes:
-        if o.failure:
-            lines.append(f"  {o.target:<18} FAILED    {o.failure}")
-            continue
-        err = "-" if o.output_error is None else num(o.output_error[rep.metric])
-        verdict = "OK" if o.passed else "DIVERGES"
-        top = rep.culprits_for(o.target)[:3]
-        tail = f"  culprits: {', '.join(f'{c.module} ({c.reason})' for c in top)}" if top else ""
-        if o.passed and rep.latent_for(o.target):
-            tail = f"  latent: {len(rep.latent_for(o.target))} (broken inside, masked)"
-        rule = get_metric(rep.metric).rule(o.tol)
-        lines.append(f"  {o.target:<18} {verdict:<9} final {rep.metric} {err} ({rule}){tail}")
-    return lines
+    return [f"  {o.target:<18} {verdict:<9} {rest}" for o in rep.outcomes for verdict, rest in [_outcome(rep, o)]]
 
 
 def summary_lines(rep) -> list[str]:
     """One line per target: verdict, final error against tol, top culprits (``--quiet``)."""
-    lines = []
-    for o in rep.outcomes:
-        if o.failure:
-            lines.append(f"{o.target}: FAILED: {o.failure}")
-            continue
-        err = "-" if o.output_error is None else num(o.output_error[rep.metric])
-        culprits = ", ".join(f"{c.module} ({c.reason})" for c in rep.culprits_for(o.target)[:3])
-        tail = f"; culprits: {culprits}" if culprits else ""
-        if o.passed and rep.latent_for(o.target):
-            tail = f"; latent: {', '.join(f'{c.module} ({c.reason})' for c in rep.latent_for(o.target)[:3])}"
-        rule = get_metric(rep.metric).rule(o.tol)
-        lines.append(f"{o.target}: {'OK' if o.passed else 'DIVERGES'}: final {rep.metric} {err} ({rule}){tail}")
+    lines = [f"{o.target}: {verdict}: {rest}" for o in rep.outcomes for verdict, rest in [_outcome(rep, o)]]
     if not rep.reference_finite and rep.culprits:
         lines.append(f"{rep.reference}: NOT FINITE: NaN/Inf first from {rep.culprits[0].module} ({rep.culprits[0].reason})")
     return lines
@@ -164,10 +156,7 @@ def report_text(rep) -> str:
 
 
 def module_table(rep) -> str:
-    metric = get_metric(rep.metric)
-    by: dict[tuple, list] = {}
-    for e in rep.errors:
-        by.setdefault((e.call_key, e.target, e.kind), []).append(e)
+    cells = {(c.call_key, c.target, c.kind): c for c in rep.call_errors()}
     seen, calls = set(), []
     for r in rep.rows:
         call = call_key_of(r.key)
@@ -175,29 +164,39 @@ def module_table(rep) -> str:
             seen.add(call)
             calls.append((call, r))
     headers = ["module call", "type", "ref absmax", "headroom"]
+    margins = rep.margins or {}
     for t in rep.targets:
-        headers += [f"{t}\nlocal", f"{t}\nprop."]
+        headers += [f"{t}\nlocal", f"{t}\nprop."] + ([f"{t}\nmargin"] if t in margins else [])
     marked = {c.key: "*" for c in rep.culprits} | {c.key: "°" for c in rep.latent if c.key not in {x.key for x in rep.culprits}}
     rows, flags = [], []
     for call, r in calls:
-        row = [short(call) + (f" {marked[call]}" if call in marked else ""), r.module_type, stat(r.absmax), stat(r.headroom_bits)]
+        row = [call + (f" {marked[call]}" if call in marked else ""), short(r.module_type, 20), stat(r.absmax), stat(r.headroom_bits)]
         for t in rep.targets:
             for kind in (ErrorKind.LOCAL, ErrorKind.PROPAGATED):
-                errs = by.get((call, t, kind))
-                if not errs:
-                    row.append("-")
-                elif any(e.failure for e in errs):
-                    row.append("failed")
-                else:
-                    row.append(num(metric.worst(math.inf if e.metrics is None else e.metrics[metric.name] for e in errs)))
+                cell = cells.get((call, t, kind))
+                row.append("-" if cell is None else "failed" if cell.failure else num(cell.value))
+            if t in margins:
+                factor = margins[t].get(CallKey.parse(call).name)
+                row.append("-" if factor is None else f"x{num(factor)}")
         rows.append(row)
         flags.append(call in marked)
+    _fit_names(rows, headers)
     legend = []
     if any(v == "*" for v in marked.values()):
         legend.append("* culprit")
     if any(v == "°" for v in marked.values()):
         legend.append("° latent")
     return tabulate(trim(rows, flags), headers=headers, disable_numparse=True) + (f"\n({', '.join(legend)})" if legend else "")
+
+
+def _fit_names(rows: list[list[str]], headers: list[str]) -> None:
+    """Shorten the first column (in the middle) so the table fits the terminal (at least 100 columns)."""
+    width = max(shutil.get_terminal_size((100, 24)).columns, 100)
+    others = sum(max([len(line) for h in [headers[i]] for line in h.split("\n")] + [len(r[i]) for r in rows]) + 2
+                 for i in range(1, len(headers)))
+    room = max(24, min(NAME_WIDTH + 16, width - others - 2))
+    for row in rows:
+        row[0] = short(row[0], room)
 
 
 def fix_message(fix) -> str:

@@ -103,9 +103,9 @@ def bisect(
         try:
             require_finite(ref_out, str(ref.target))
         except NonFiniteReference as e:
-            nan = math.nan
-            return Fix(str(parsed), m.name, t_tol, (), nan, nan, 0, 0, (), (), False,
-                       FixOutcome.REFERENCE_NOT_FINITE, None, 0, str(e))
+            return Fix(target=str(parsed), metric=m.name, tol=t_tol, keep_fp32=(), error_before=math.nan,
+                       error_after=math.nan, evaluations=0, compilations=0, candidates=(), log=(), verified=False,
+                       outcome=FixOutcome.REFERENCE_NOT_FINITE, detail=str(e))
         before = evaluate((), "nothing kept")
         compilations = 0
         if candidates is None:
@@ -118,9 +118,10 @@ def bisect(
         rule = _rule_comparison(ref, args, kwargs, evaluate)
 
         def fix(keep: tuple, after: SearchStep, cands: tuple, verified: bool, outcome: FixOutcome, detail: str = "") -> Fix:
-            bound = single_culprit_bound(len(cands)) if cands else 1
-            return Fix(str(parsed), m.name, t_tol, keep, before.error, after.error, len(evaluate.log), compilations,
-                       cands, tuple(evaluate.log), verified, outcome, rule, bound, detail)
+            return Fix(target=str(parsed), metric=m.name, tol=t_tol, keep_fp32=keep, error_before=before.error,
+                       error_after=after.error, evaluations=len(evaluate.log), compilations=compilations,
+                       candidates=cands, log=tuple(evaluate.log), verified=verified, outcome=outcome, rule=rule,
+                       bound=single_culprit_bound(len(cands)) if cands else 0, detail=detail)
 
         if before.passed:
             return fix((), before, (), True, FixOutcome.ALREADY_WITHIN)

@@ -22,6 +22,7 @@ _BACKENDS = {
     "eager": ("eager", "EagerBackend"),
     "autocast": ("autocast", "AutocastBackend"),
     "strict": ("strict", "StrictBackend"),
+    "strict-onnx": ("strict_onnx", "StrictOnnxBackend"),
     "inductor": ("inductor", "InductorBackend"),
     "tensorrt": ("tensorrt", "TensorRTBackend"),
 }

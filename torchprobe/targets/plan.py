@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgument, TorchprobeError
-from ..names import ROOT, is_within, module_names
+from ..names import ROOT, module_names, outermost
 from ..tree import cast_floating
 from .base import dtype_name
 
@@ -48,7 +48,7 @@ class PrecisionPlan:
 
     def outermost(self) -> list[str]:
         """Kept names not inside another kept name (inside a kept module everything is FP32)."""
-        return _outermost(self.keep_fp32)
+        return outermost(self.keep_fp32)
 
     def check(self, model: nn.Module) -> None:
         """Raise InvalidArgument naming any kept module that ``model`` does not have."""
@@ -68,7 +68,7 @@ class PrecisionPlan:
         (torch.float16, torch.float32, torch.float16)
         """
         self.check(model)
-        clone = copy.deepcopy(model)
+        clone = drop_observer_hooks(copy.deepcopy(model))
         names = set(self.keep_fp32) | set(kept_fp32(clone))
         if cast_weights:
             return keep_fp32(clone, names, dtype=self.dtype)
@@ -168,7 +168,7 @@ def keep_fp32(model: nn.Module, names: Iterable[str], dtype: torch.dtype | None 
     by_name[ROOT] = model
     kept = {canonical[by_name[n]].name for n in (*names, *kept_fp32(model))}
     remove_keep_fp32(model)
-    roots = [(name, by_name[name]) for name in _outermost(kept)]
+    roots = [(name, by_name[name]) for name in outermost(kept)]
     # state_dict() holds the kept tensors as they are: .to() gives the parameters new tensors and
     # leaves the old ones alone, so the kept modules get their own values back, not a round trip
     # through dtype.
@@ -187,6 +187,34 @@ def keep_fp32(model: nn.Module, names: Iterable[str], dtype: torch.dtype | None 
                 inside.add(id(sub))
                 _install(sub, KeepFP32(sub_name, None, autocast_device, region_root=False))
     return model
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_KWARG_SETS = ("_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def _computes_weights(hook: Any) -> bool:
+    """Hooks that are part of what the module computes (they rebuild its weights), not observers."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return isinstance(hook, (WeightNorm, SpectralNorm)) or isinstance(getattr(hook, "__self__", None), KeepFP32)
+
+
+def drop_observer_hooks(copied: nn.Module) -> nn.Module:
+    """Remove, in place, the hooks a deep copy inherited from the caller's model (a logger, a
+    Monitor, a debugger): they must not fire on torchprobe's replays. Hooks that compute the
+    module's weights (the legacy ``weight_norm``/``spectral_norm``) and keep-FP32 hooks stay."""
+    for module in copied.modules():
+        for attr in _HOOK_DICTS:
+            hooks = getattr(module, attr, None)
+            if not hooks:
+                continue
+            for key in [k for k, h in hooks.items() if not _computes_weights(h)]:
+                del hooks[key]
+                for extra in _KWARG_SETS:
+                    getattr(module, extra, {}).pop(key, None)
+    return copied
 
 
 def kept_fp32(model: nn.Module) -> list[str]:
@@ -219,11 +247,6 @@ def _install(module: nn.Module, hooks: KeepFP32) -> None:
 
 def _hooks_of(module: nn.Module) -> list[KeepFP32]:
     return [h.__self__ for h in module._forward_pre_hooks.values() if isinstance(getattr(h, "__self__", None), KeepFP32)]
-
-
-def _outermost(names: Iterable[str]) -> list[str]:
-    names = set(names)
-    return sorted(n for n in names if not any(o != n and is_within(n, o) for o in names))
 
 
 def _check_names(model: nn.Module, names: Iterable[str], argument: str) -> None:

@@ -1,66 +1,59 @@
-"""``strict``: a runnable stand-in for a TensorRT FP16/BF16 engine, and the overflow evidence it yields.
+"""``strict``: a runnable stand-in for a Torch-TensorRT FP16/BF16 engine, and the overflow evidence it yields.
 
-PyTorch hides the overflows a TensorRT FP16 engine hits: its FP16 ``layer_norm`` computes the
-variance in FP32, and autocast runs ``layer_norm``/``softmax`` in FP32 outright. A TensorRT engine
-built from an ONNX export (opset < 17) with FP16 enabled sees ``ReduceMean, Sub, Pow, ReduceMean,
-Add, Sqrt, Div, Mul, Add`` instead, and may store every one of those results in FP16, so
-``(x - mean)**2`` overflows 65504 as soon as ``|x - mean|`` passes ~256. ``strict`` runs the
-module that way, on any device.
+What ``strict:fp16`` computes is what Torch-TensorRT 2.11-2.14 builds from a ``.half()`` module:
+``torch.export``, Torch-TensorRT's decomposition table, one converter per remaining aten op, and a
+strongly typed TensorRT network whose precision follows the tensor dtypes. Most composite ops
+become *one* TensorRT layer; the rest of the graph is converted op by op, each result stored in
+the dtype. Every rule below is a row of :mod:`torchprobe.targets.rules` with its source file and,
+where TensorRT's documentation is silent, the way the emulation errs (docs/rules.md renders the
+table).
 
-What it models
-    * Composite ops, decomposed as the TorchScript ONNX exporter (opset < 17) writes them, with
-      **every primitive's result stored in the dtype** (no FP32 upcast between primitives):
-      ``layer_norm``, ``group_norm`` and ``instance_norm`` (ReduceMean, Sub, Pow, ReduceMean,
-      Add eps, Sqrt, Div, Mul weight, Add bias); ``rms_norm`` (Pow, ReduceMean, Add, Sqrt, Div, Mul);
-      inference ``batch_norm`` as TensorRT's scale layer (``x*scale + shift``, the scale and shift
-      folded in FP32 at build time, then stored in the dtype); ``softmax``/``log_softmax``
-      (ReduceMax, Sub, Exp, ReduceSum, Div / Log, Sub); ``gelu`` (``x*(1+erf(x/sqrt2))*0.5``, and
-      the tanh form with ``x*x*x``); ``var``/``std`` (ReduceMean, Sub, Mul, ReduceMean, times
-      N/(N-correction), Sqrt); ``torch.norm``/``Tensor.norm``/``linalg.vector_norm`` (2-norm as
-      Mul, ReduceSum, Sqrt; 1, inf and general p too); ``F.normalize`` (norm, Clip at eps, Div);
-      ``scaled_dot_product_attention`` (MatMul q@k^T, Mul scale, Add mask, softmax as above,
-      MatMul; bool/float masks, ``is_causal``, ``scale``, ``enable_gqa``; the scale is applied
-      after the first matmul, as Torch-TensorRT's attention converter does).
-    * Constants of a decomposition (eps, GELU coefficients, the attention scale) are rounded to
-      the dtype, like engine weights: an ``eps`` of 1e-12 becomes 0 in FP16.
-    * Reductions (ReduceMean, ReduceSum) accumulate in FP32 and store their result in the dtype.
-    * Matmul, linear, conv (aten ``mm, addmm, bmm, baddbmm, addbmm, mv, addmv, dot, vdot,
-      convolution``) take dtype inputs and accumulate in FP32, like tensor cores: computed in
-      FP32, the output rounded once to the dtype (bias included, as a fused epilogue).
-    * ``fused_norms=True``: ``layer_norm``/``group_norm``/``instance_norm``/``batch_norm``/
-      ``rms_norm`` stay whole, computed in FP32 with the output rounded to the dtype (TensorRT's
-      INormalizationLayer, which ONNX LayerNormalization from opset 17 maps to).
-    * Overflow evidence: each primitive above (and each matmul/conv) counts the Inf/NaN values
-      it produced in calls whose inputs were all finite, and the largest ``|input|`` of those
-      calls, on the device; :meth:`StrictEvents.events` reads them with one host sync. So the
-      primitive where Inf first appears is named, not the ones that inherit it. A mask Add that
-      yields ``-inf`` is a mask doing its job, not an overflow. Cost per checked primitive: one
-      ``abs().amax()`` per input and one comparison and count over the output.
+What it models (the ``strict`` profile)
+    * ``layer_norm``: one INormalizationLayer, computed in FP32 and rounded once (PyTorch's own
+      FP16 ``layer_norm`` computes exactly that). ``norm_fp32=False`` is the pessimistic reading
+      (FP16 inside: ``(x - mean)**2`` stored in the dtype), since TensorRT 11 no longer documents the
+      normalization's compute precision.
+    * ``group_norm`` and ``instance_norm`` (decomposed to ``group_norm(C)``): the normalization as
+      above without the affine, then ``* weight`` and ``+ bias`` as two dtype elementwise layers.
+    * inference ``batch_norm``: the converter folds ``scale = weight / sqrt(running_var + eps)`` and
+      ``shift = bias - running_mean * scale`` with torch arithmetic on the parameters (their dtype),
+      then one IScaleLayer ``x * scale + shift`` (rounded once).
+    * ``softmax`` and ``gelu``: single layers (FP32 inside, output rounded), as PyTorch runs them.
+    * ``log_softmax``: decomposed to ``log(softmax(x))`` in the dtype: a probability below FP16's
+      smallest subnormal (6e-8) becomes 0 and ``log`` gives ``-inf``, where PyTorch stays finite.
+    * ``scaled_dot_product_attention``: Q pre-scaled in the dtype (``q * scale``, or
+      ``q / sqrt(D)`` with ``sqrt(D)`` rounded to the dtype), then one attention layer (FP32 scores).
+    * ``var``/``std``/``vector_norm``/``normalize``: upcast to FP32 by the decompositions, i.e. as
+      PyTorch computes them in FP16 (only the result is stored in the dtype).
+    * ``rms_norm``: FP32 where the installed torch decomposes ``_fused_rms_norm`` by its FP32
+      composite (torch >= 2.13); FP16 primitives (``x*x, mean, +eps, 1/sqrt, *``) where
+      Torch-TensorRT's ``replace_fused_rms_norm`` pass lowers it (torch 2.11).
+    * ``rsqrt`` -> ``1 / sqrt(x)`` and ``silu`` -> ``x * sigmoid(x)``: two dtype layers each.
+    * matmul, linear, conv: dtype inputs and output, FP32 accumulation (as PyTorch's FP16
+      kernels do: TensorRT does not document its accumulation with ``use_fp32_acc=False``, the
+      default, so this errs optimistic). ``fp32_acc=True`` is Torch-TensorRT's ``use_fp32_acc``:
+      FP16 matmuls computed in FP32 and cast back, linear's bias added after that cast.
+    * Everything else runs as PyTorch runs it in the dtype: elementwise results are stored in the
+      dtype, so a norm written in primitive ops (``(x - u).pow(2).mean(-1)``) overflows as it does
+      in a real engine (TensorRT warns about FP16 Pow/Reduce but does not upcast).
+    * Constants the engine stores (eps, the attention scale) are rounded to the dtype.
 
-What it does not model
-    * The graph is an FP32 export built with FP16 enabled (or the same primitives typed FP16):
-      the Cast to FP32 that the TorchScript exporter puts around the variance of an FP16
-      model's ``layer_norm`` is not modeled.
-    * Kernel-level choices of a real engine: layer fusion beyond the norm layers, FP16
-      accumulation in tactics that allow it, reduced-precision reductions, Myelin's own
-      rewrites, tactic-dependent rounding, INT8/FP8. It is an upper bound on what FP16 storage
-      can do to the composites above, not a bit-exact copy of any engine.
-    * Ops outside the list run as PyTorch runs them in the dtype (elementwise ops already store
-      their result in the dtype; other composites keep PyTorch's internal FP32).
-    * Training-mode ``batch_norm``/``instance_norm`` with running statistics, attention dropout,
-      ``softmax(dtype=...)`` with a different dtype, nuclear/matrix norms, ``out=`` arguments:
-      these run as PyTorch runs them.
-    * Tensors of another dtype (FP32 kept submodules, FP64) are never touched, so a module kept
-      in FP32 gives bit-identical results to a plain FP32 run.
+Overflow evidence
+    The composites above count, on the device, the Inf/NaN values each of their steps produced
+    from finite inputs. Outside them, every arithmetic primitive that can create Inf/NaN from
+    finite inputs (add, mul, div, pow, exp, log, sums, matmul, conv, casts to the dtype, ...)
+    records ``aminmax`` of its inputs and output, one reduction each: :meth:`StrictEvents.events`
+    reads everything with one host sync and names the op whose output went non-finite while its
+    inputs were finite, so the primitive where Inf first appears is named, not the ones that
+    inherit it. Parameters are not measured (they are the engine's weights).
 
-How: a :class:`~torch.overrides.TorchFunctionMode` replaces the composite functions at the
-Python API level (``F.layer_norm``, ``Tensor.softmax``, ...), where the signatures are clean and
-module hooks keep firing, and a :class:`~torch.utils._python_dispatch.TorchDispatchMode` sees
-the aten matmul/conv ops that every ``@``, ``F.linear``, ``einsum`` and conv funnels into. An
-active function mode turns off the fused fast paths of ``nn.MultiheadAttention`` and
-``nn.TransformerEncoderLayer``; ``F.multi_head_attention_forward`` is re-entered with the mode
-on (``torch.overrides.redispatch_function``, present in torch 2.13) so the softmax or attention
-inside it is decomposed too; where torch lacks it, that function runs as PyTorch runs it.
+How: one :class:`~torch.overrides.TorchFunctionMode` at the Python API level (``F.group_norm``,
+``Tensor.log_softmax``, ``Tensor.__add__``, ``F.linear`` ...), where module hooks keep firing; no
+dispatch mode. Python composites of ``torch.nn.functional`` without a rule (``normalize``,
+``multi_head_attention_forward``, ...) are re-entered with the mode on
+(``torch.overrides.redispatch_function``, torch >= 2.13), so the ops inside them are seen. On the
+CPU, matmuls and convolutions take dtype inputs, compute in FP32 and round once (what PyTorch's
+CPU FP16 kernels compute, several times faster here); on CUDA they run natively.
 
 Example::
 
@@ -68,11 +61,11 @@ Example::
     >>> ln = nn.LayerNorm(64).half()
     >>> x = (torch.randn(4, 64) * 1000).half()           # |x| up to ~3400
     >>> with strict_mode(torch.float16) as ev:
-    ...     y = ln(x)                                     # PyTorch's own FP16 ln(x) is fine
+    ...     y = ln(x)                                     # one normalization layer: fine
+    ...     u = x.mean(-1, keepdim=True)
+    ...     z = (x - u).pow(2).mean(-1)                   # the same norm written in primitives
     >>> [str(e) for e in ev.events()]
-    ['layer_norm: (x-mean)^2 overflowed FP16 (204 values, input absmax 3318)']
-    >>> y[0, :3]                                  # (x-mean)/inf = 0: every value becomes the bias
-    tensor([0., 0., 0.], dtype=torch.float16, grad_fn=<SliceBackward0>)
+    ['pow: output overflowed FP16 (in 1 call, input absmax 3318)']
 """
 from __future__ import annotations
 
@@ -86,13 +79,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map_only
 
 from ..errors import InvalidArgument
 from .base import LOW_PRECISION, Backend, dtype_name
 
-__all__ = ["OverflowEvent", "StrictBackend", "StrictCall", "StrictEvents", "strict_mode"]
+__all__ = ["OverflowEvent", "StrictBackend", "StrictCall", "StrictEvents", "strict_mode", "fused_rms_norm_is_fp32"]
 
 STRICT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _redispatch = getattr(torch.overrides, "redispatch_function", None)  # absent in older torch
@@ -103,31 +94,38 @@ _redispatch = getattr(torch.overrides, "redispatch_function", None)  # absent in
 
 @dataclass(frozen=True)
 class OverflowEvent:
-    """Inf/NaN values one primitive produced in calls whose inputs were all finite, summed."""
+    """Inf/NaN values one op produced in calls whose inputs were all finite, summed.
 
-    op: str  # "<composite>/<primitive>", e.g. "layer_norm/pow"
+    ``count`` counts values for the steps of a composite (``unit="values"``) and calls for a
+    primitive op (``unit="calls"``), whose check reads only each tensor's min and max.
+    """
+
+    op: str  # "<composite>/<step>", e.g. "log_softmax/log", or a primitive, e.g. "pow"
     what: str  # the value that broke, e.g. "(x-mean)^2"
-    count: int  # new non-finite values
+    count: int
     input_absmax: float  # largest |input| among the calls that produced them
     dtype: torch.dtype
+    unit: str = "values"
+    verb: str = "overflowed"  # "went to -Inf in" for a log of values that are 0 in the dtype
 
     def __str__(self) -> str:
         composite = self.op.rsplit("/", 1)[0]
-        return (
-            f"{composite}: {self.what} overflowed {dtype_name(self.dtype).upper()} "
-            f"({self.count} values, input absmax {self.input_absmax:.4g})"
-        )
+        how = f"{self.count} values" if self.unit == "values" else f"in {self.count} call{'s' if self.count != 1 else ''}"
+        return (f"{composite}: {self.what} {self.verb} {dtype_name(self.dtype).upper()} "
+                f"({how}, input absmax {self.input_absmax:.4g})")
 
 
 class StrictEvents:
-    """What one :func:`strict_mode` block saw: overflow counters (on the device until read)
-    and, host side, how many calls of each composite were decomposed (``decomposed``)."""
+    """What one :func:`strict_mode` block saw: overflow counters (on the device until read) and,
+    host side, how many calls of each composite a rule computed (``decomposed``)."""
 
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
         self.decomposed: Counter[str] = Counter()
         self._what: dict[str, str] = {}
+        self._verb: dict[str, str] = {}
         self._acc: dict[tuple[str, torch.device], tuple[Tensor, Tensor]] = {}
+        self._calls: list[tuple[str, tuple[Tensor, ...], tuple[Tensor, ...]]] = []
 
     def _add(self, op: str, what: str, new: Tensor, absmax: Tensor) -> None:
         """Accumulate ``new`` (0-dim count) and ``absmax`` (0-dim) for ``op``; no host sync."""
@@ -140,20 +138,67 @@ class StrictEvents:
         else:
             self._acc[key] = (new, hit)
 
+    def _call(self, op: str, what: str, inputs: tuple[Tensor, ...], output: tuple[Tensor, ...],
+              verb: str = "overflowed") -> None:
+        """One primitive call: ``aminmax`` halves of its inputs and of its output, unread."""
+        self._what.setdefault(op, what)
+        self._verb.setdefault(op, verb)
+        self._calls.append((op, inputs, output))
+
     def events(self) -> list[OverflowEvent]:
         """Ops that produced Inf/NaN from finite inputs, in order of first call (one sync per device)."""
+        totals: dict[str, list] = {}  # op -> [count, peak, unit]
         by_device: dict[torch.device, list[tuple[str, Tensor, Tensor]]] = defaultdict(list)
         for (op, device), (count, peak) in self._acc.items():
             by_device[device].append((op, count, peak))
-        totals: dict[str, tuple[int, float]] = {op: (0, 0.0) for op, _ in self._acc}
+        order: list[str] = [op for op, _ in self._acc]
         for rows in by_device.values():
             counts = torch.stack([c for _, c, _ in rows]).tolist()
             peaks = torch.stack([p for _, _, p in rows]).tolist()
             for (op, _, _), c, p in zip(rows, counts, peaks):
-                totals[op] = (totals[op][0] + int(c), max(totals[op][1], p))
-        return [
-            OverflowEvent(op, self._what[op], c, p, self.dtype) for op, (c, p) in totals.items() if c
-        ]
+                entry = totals.setdefault(op, [0, 0.0, "values"])
+                entry[0] += int(c)
+                entry[1] = max(entry[1], p)
+        for op, peak in self._read_calls():
+            order.append(op)
+            entry = totals.setdefault(op, [0, 0.0, "calls"])
+            entry[0] += 1
+            entry[1] = max(entry[1], peak)
+        seen = dict.fromkeys(order)
+        return [OverflowEvent(op, self._what[op], totals[op][0], totals[op][1], self.dtype, totals[op][2],
+                              self._verb.get(op, "overflowed"))
+                for op in seen if op in totals and totals[op][0]]
+
+    def _read_calls(self) -> list[tuple[str, float]]:
+        """(op, input absmax) for every primitive call whose output went non-finite from finite inputs."""
+        if not self._calls:
+            return []
+        groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
+        slots = []
+        for _, inputs, output in self._calls:
+            refs = []
+            for t in (*inputs, *output):
+                group = groups[(t.device, t.dtype)]
+                refs.append(((t.device, t.dtype), len(group)))
+                group.append(t)
+            slots.append(refs)
+        values = {key: torch.stack(ts).tolist() for key, ts in groups.items()}
+        hits = []
+        for (op, inputs, _), refs in zip(self._calls, slots):
+            got = [values[key][i] for key, i in refs]
+            ins, outs = got[: len(inputs)], got[len(inputs):]
+            if all(math.isfinite(v) for v in ins) and not all(math.isfinite(v) for v in outs):
+                hits.append((op, max((abs(v) for v in ins), default=0.0)))
+        return hits
+
+
+def aminmax_halves(tensors: list[Tensor]) -> tuple[Tensor, ...]:
+    """min and max of each floating, non-empty, non-parameter tensor (one reduction each)."""
+    halves: list[Tensor] = []
+    for t in tensors:
+        if t.is_floating_point() and t.numel() and not isinstance(t, nn.Parameter):
+            halves.extend(torch.aminmax(t))
+    return tuple(halves)
 
 
 def _input_peak(tensors: list[Tensor], device: torch.device) -> Tensor:
@@ -167,13 +212,13 @@ def _input_peak(tensors: list[Tensor], device: torch.device) -> Tensor:
 
 
 class _Ops:
-    """The primitives of one composite call: every result stored in ``dtype`` and checked."""
+    """The steps of one composite call: each result stored in ``dtype`` and checked."""
 
-    def __init__(self, events: StrictEvents, composite: str, dtype: torch.dtype, fused: bool) -> None:
-        self.events, self.composite, self.dtype, self.fused = events, composite, dtype, fused
+    def __init__(self, events: StrictEvents, composite: str, dtype: torch.dtype, options: Any) -> None:
+        self.events, self.composite, self.dtype, self.options = events, composite, dtype, options
 
     def nested(self, composite: str) -> _Ops:
-        return _Ops(self.events, f"{self.composite}/{composite}", self.dtype, self.fused)
+        return _Ops(self.events, f"{self.composite}/{composite}", self.dtype, self.options)
 
     def const(self, value: float) -> float:
         """A constant as the engine stores it: rounded to the dtype."""
@@ -191,10 +236,21 @@ class _Ops:
             return getattr(torch, kind)(x, dims, keepdim=True)
         return self.store(name, getattr(torch, kind)(x, dims, keepdim=True, dtype=torch.float32), [x], what)
 
+    def step(self, name: str, fn: Callable[..., Tensor], *operands: Any, what: str | None = None,
+             verb: str = "overflowed", inputs: list[Tensor] | None = None) -> Tensor:
+        """One dtype layer ``fn(*operands)``, checked cheaply (``aminmax`` of inputs and output)."""
+        tensors = [t for t in operands if isinstance(t, Tensor)] if inputs is None else inputs
+        measured = aminmax_halves(tensors)
+        out = fn(*operands)
+        if out.numel():
+            self.events._call(f"{self.composite}/{name}", what or name, measured, tuple(torch.aminmax(out)), verb)
+        return out
+
     def matmul(self, name: str, a: Tensor, b: Tensor, what: str) -> Tensor:
         return self.store(name, torch.matmul(a.float(), b.float()), [a, b], what)
 
     def fused_call(self, fn: Callable[..., Tensor], *args: Any) -> Tensor:
+        """``fn`` computed in FP32 on the dtype inputs, the output rounded once."""
         tensors = [a for a in args if isinstance(a, Tensor)]
         upcast = [a.float() if isinstance(a, Tensor) and a.dtype == self.dtype else a for a in args]
         return self.store("fused", fn(*upcast), tensors, "output")
@@ -212,9 +268,7 @@ class _Ops:
         return out
 
 
-# --------------------------------------------------------------------------- decompositions
-# Each rule takes the composite's own signature after ``ops`` and returns NotImplemented for
-# the cases it does not model; those run as PyTorch runs them.
+# --------------------------------------------------------------------------- shared helpers
 
 
 def _dims(x: Tensor, dim: Any) -> tuple[int, ...]:
@@ -233,6 +287,8 @@ def _per_channel(v: Tensor | None, x: Tensor) -> Tensor | None:
 
 
 def _standardize(ops: _Ops, x: Tensor, dims: tuple[int, ...], eps: float) -> Tensor:
+    """(x - mean) / sqrt(var + eps) with every step stored in the dtype (ReduceMean, Sub, Pow,
+    ReduceMean, Add, Sqrt, Div)."""
     mean = ops.reduce("mean", "mean", x, dims)
     d = ops.ew("sub", torch.sub, x, mean, what="x-mean")
     var = ops.reduce("var", "mean", ops.ew("pow", torch.pow, d, 2, what="(x-mean)^2"), dims,
@@ -249,48 +305,85 @@ def _affine(ops: _Ops, y: Tensor, weight: Tensor | None, bias: Tensor | None) ->
     return y
 
 
-def _layer_norm(ops, input, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
-    if ops.fused:
-        return ops.fused_call(F.layer_norm, input, normalized_shape, weight, bias, eps)
-    return _affine(ops, _standardize(ops, input, _last_dims(normalized_shape), eps), weight, bias)
+def _group_stats_shape(x: Tensor, groups: int) -> tuple[Tensor, tuple[int, ...]]:
+    return x.reshape(x.shape[0], groups, -1), (2,)
 
 
-def _group_norm(ops, input, num_groups, weight=None, bias=None, eps=1e-5, cudnn_enabled=True):
-    if ops.fused:
-        return ops.fused_call(F.group_norm, input, num_groups, weight, bias, eps)
-    grouped = input.reshape(input.shape[0], num_groups, -1)
-    y = _standardize(ops, grouped, (-1,), eps).reshape(input.shape)
-    return _affine(ops, y, _per_channel(weight, input), _per_channel(bias, input))
+def _group_standardize(ops: _Ops, x: Tensor, groups: int, eps: float) -> Tensor:
+    g, dims = _group_stats_shape(x, groups)
+    return _standardize(ops, g, dims, eps).reshape(x.shape)
 
 
-def _fold_batch_norm(mean, var, weight, bias, eps) -> tuple[Tensor, Tensor]:
-    """Inference BatchNorm as TensorRT's scale layer: scale and shift folded in FP32."""
-    scale = torch.rsqrt(var.float() + eps)
+def fused_rms_norm_is_fp32() -> bool:
+    """True where this torch decomposes ``aten._fused_rms_norm`` by its FP32 composite (torch
+    >= 2.13: the op has a CompositeImplicitAutograd kernel, which Torch-TensorRT's decomposition
+    table applies); False where the op reaches Torch-TensorRT's ``replace_fused_rms_norm`` pass,
+    which lowers it to dtype primitives (torch 2.11)."""
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key("aten::_fused_rms_norm", "CompositeImplicitAutograd"))
+    except RuntimeError:  # no such op: rms_norm itself is a composite that computes in FP32
+        return True
+
+
+# --------------------------------------------------------------------------- strict rules
+# Each rule takes the composite's own signature after ``ops`` and returns NotImplemented for the
+# cases it does not model; those run as PyTorch runs them. Sources: rules.py.
+
+
+@dataclass(frozen=True)
+class StrictOptions:
+    """The two readings the sources leave open (see the module docstring)."""
+
+    norm_fp32: bool = True
+    fp32_acc: bool = False
+
+
+def _layer_norm(ops, input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    if ops.options.norm_fp32:
+        return NotImplemented  # PyTorch's FP16 layer_norm: FP32 inside, rounded once
+    y = _standardize(ops, input, _last_dims(normalized_shape), eps)
+    return _affine(ops, y, weight, bias)
+
+
+def _group_norm(ops, input, num_groups, weight=None, bias=None, eps=1e-5):
+    if input.dim() < 3:
+        return NotImplemented
+    if ops.options.norm_fp32:
+        y = torch.group_norm(input, num_groups, None, None, eps)  # normalization, weight 1, bias 0
+    else:
+        y = _group_standardize(ops, input, num_groups, eps)
+    # then the affine as two dtype elementwise layers
     if weight is not None:
-        scale = scale * weight.float()
-    shift = -mean.float() * scale
+        y = ops.step("mul_weight", torch.mul, y, _per_channel(weight, input), what="y*weight")
     if bias is not None:
-        shift = shift + bias.float()
-    return scale, shift
+        y = ops.step("add_bias", torch.add, y, _per_channel(bias, input), what="y*weight+bias")
+    return y
+
+
+def _fold_batch_norm(ops, input, running_mean, running_var, weight, bias, eps):
+    """The converter's ``batch_norm_constant_folding``: torch arithmetic on the parameters."""
+    channels = input.shape[1]
+    weight = torch.ones(channels, device=input.device) if weight is None else weight
+    bias = torch.zeros(channels, device=input.device) if bias is None else bias
+    scale = weight / torch.sqrt(running_var + eps)
+    shift = bias - running_mean * scale
+    return scale.to(ops.dtype), shift.to(ops.dtype)
 
 
 def _batch_norm(ops, input, running_mean, running_var, weight=None, bias=None, training=False,
                 momentum=0.1, eps=1e-5):
-    if training or running_mean is None or running_var is None:
+    if training or running_mean is None or running_var is None or input.dim() < 2:
         return NotImplemented
-    if ops.fused:
-        return ops.fused_call(F.batch_norm, input, running_mean, running_var, weight, bias, False,
-                              momentum, eps)
-    stats = [t for t in (running_mean, running_var, weight, bias) if t is not None]
-    scale32, shift32 = _fold_batch_norm(running_mean, running_var, weight, bias, eps)
-    scale = ops.store("fold_scale", scale32, stats, "weight/sqrt(var+eps)")
-    shift = ops.store("fold_shift", shift32, stats, "bias-mean*scale")
-    y = ops.ew("mul_scale", torch.mul, input, _per_channel(scale, input), what="x*scale")
-    return ops.ew("add_shift", torch.add, y, _per_channel(shift, input), what="x*scale+shift")
+    scale, shift = _fold_batch_norm(ops, input, running_mean, running_var, weight, bias, eps)
+    scale, shift = _per_channel(scale, input), _per_channel(shift, input)
+    # IScaleLayer (CHANNEL): x * scale + shift in one layer, rounded once
+    return ops.step("scale", lambda: torch.addcmul(shift.float(), input.float(), scale.float()).to(ops.dtype),
+                    what="x*scale+shift", inputs=[input])
 
 
 def _instance_norm(ops, input, running_mean=None, running_var=None, weight=None, bias=None,
                    use_input_stats=True, momentum=0.1, eps=1e-5):
+    # Torch-TensorRT's instance_norm decomposition: group_norm(C), or batch_norm without input stats
     if not use_input_stats:
         return _batch_norm(ops, input, running_mean, running_var, weight, bias, False, momentum, eps)
     if running_mean is not None:  # would update running statistics
@@ -298,163 +391,157 @@ def _instance_norm(ops, input, running_mean=None, running_var=None, weight=None,
     return _group_norm(ops, input, input.shape[1], weight, bias, eps)
 
 
-def _rms_norm(ops, input, normalized_shape, weight=None, eps=None):
-    eps = torch.finfo(input.dtype).eps if eps is None else eps
-    if ops.fused:
-        return ops.fused_call(F.rms_norm, input, normalized_shape, weight, eps)
-    ms = ops.reduce("mean", "mean", ops.ew("pow", torch.pow, input, 2, what="x^2"),
-                    _last_dims(normalized_shape), what="mean(x^2)")
-    rms = ops.ew("sqrt", torch.sqrt, ops.ew("add_eps", torch.add, ms, ops.const(eps), what="mean(x^2)+eps"))
-    return _affine(ops, ops.ew("div", torch.div, input, rms, what="x/rms"), weight, None)
-
-
-def _softmax(ops: _Ops, x: Tensor, dim: Any, dtype: torch.dtype | None, log: bool) -> Tensor:
-    if not isinstance(dim, int) or dtype not in (None, x.dtype):
+def _log_softmax(ops, input, dim, dtype):
+    if not isinstance(dim, int) or input.dim() == 0:
         return NotImplemented
-    m = ops.reduce("max", "amax", x, (dim,))
-    d = ops.ew("sub", torch.sub, x, m, what="x-max")
-    e = ops.ew("exp", torch.exp, d, what="exp(x-max)")
-    s = ops.reduce("sum", "sum", e, (dim,), what="sum(exp)")
-    if log:
-        log_sum = ops.ew("log", torch.log, s, what="log(sum)")
-        return ops.ew("sub_log", torch.sub, d, log_sum, what="x-max-log(sum)")
-    return ops.ew("div", torch.div, e, s, what="exp/sum")
+    x = input if dtype is None else input.to(dtype)
+    p = torch.softmax(x, dim)  # ISoftMaxLayer: FP32 inside, rounded
+    # IUnaryLayer LOG in the dtype: probabilities that rounded to 0 give -inf
+    return ops.step("log", torch.log, p, what="log(softmax(x))", verb="went to -Inf in", inputs=[x])
 
 
-def _softmax_rules(log: bool) -> tuple[Callable, Callable]:
-    """(torch.softmax / Tensor.softmax form, F.softmax form) of softmax or log_softmax."""
-
-    def torch_form(ops, input, dim, dtype=None):
-        return _softmax(ops, input, dim, dtype, log)
-
-    def functional_form(ops, input, dim=None, _stacklevel=3, dtype=None):
-        return _softmax(ops, input, dim, dtype, log)
-
-    return torch_form, functional_form
+def _log_softmax_t(ops, input, dim, dtype=None):
+    return _log_softmax(ops, input, dim, dtype)
 
 
-def _gelu(ops, input, approximate="none"):
-    if approximate == "tanh":
-        square = ops.ew("square", torch.mul, input, input, what="x*x")
-        cube = ops.ew("cube", torch.mul, input, square, what="x^3")
-        inner = ops.ew("add", torch.add, input, ops.ew("mul_kappa", torch.mul, cube, ops.const(0.044715)),
-                       what="x+0.044715*x^3")
-        inner = ops.ew("mul_beta", torch.mul, inner, ops.const(math.sqrt(2 / math.pi)))
-        t = ops.ew("tanh", torch.tanh, inner)
-    else:
-        t = ops.ew("erf", torch.erf, ops.ew("div_sqrt2", torch.div, input, ops.const(math.sqrt(2))))
-    scaled = ops.ew("mul_x", torch.mul, input, ops.ew("add_one", torch.add, t, 1.0), what="x*(1+t)")
-    return ops.ew("mul_half", torch.mul, scaled, 0.5)
-
-
-def _var(ops: _Ops, x: Tensor, dims: tuple[int, ...], correction: float, keepdim: bool, sqrt: bool) -> Tensor:
-    n = math.prod(x.shape[d] for d in dims)
-    mean = ops.reduce("mean", "mean", x, dims)
-    d = ops.ew("sub", torch.sub, x, mean, what="x-mean")
-    var = ops.reduce("var", "mean", ops.ew("square", torch.mul, d, d, what="(x-mean)^2"), dims,
-                     what="mean((x-mean)^2)")
-    if correction:
-        var = ops.ew("mul_n", torch.mul, var, float(n), what="var*N")
-        var = ops.ew("div_n", torch.div, var, float(n - correction), what="var*N/(N-correction)")
-    if sqrt:
-        var = ops.ew("sqrt", torch.sqrt, var)
-    return var if keepdim else var.squeeze(dims)
-
-
-def _var_rule(sqrt: bool) -> Callable:
-    """torch.var/std and Tensor.var/std over their overloads:
-    ``(dim, unbiased, keepdim)``, ``(unbiased)`` and ``(dim, *, correction, keepdim)``."""
-
-    def rule(ops, input, *args, dim=None, unbiased=None, keepdim=False, correction=None):
-        names = ("unbiased",) if args and isinstance(args[0], bool) else ("dim", "unbiased", "keepdim")
-        given = {"dim": dim, "unbiased": unbiased, "keepdim": keepdim, **dict(zip(names, args))}
-        if isinstance(given["dim"], str) or (isinstance(given["dim"], (list, tuple)) and
-                                             any(isinstance(d, str) for d in given["dim"])):
-            return NotImplemented
-        if correction is None:
-            correction = 0 if given["unbiased"] is False else 1
-        return _var(ops, input, _dims(input, given["dim"]), correction, given["keepdim"], sqrt)
-
-    return rule
-
-
-def _vector_norm(ops: _Ops, x: Tensor, ord: float, dims: tuple[int, ...], keepdim: bool) -> Tensor:
-    if ord == 0:
-        return NotImplemented
-    if ord == 2:
-        total = ops.reduce("sum", "sum", ops.ew("square", torch.mul, x, x, what="x^2"), dims, what="sum(x^2)")
-        out = ops.ew("sqrt", torch.sqrt, total)
-    elif math.isinf(ord):
-        out = ops.reduce("max", "amax" if ord > 0 else "amin", x.abs(), dims)
-    elif ord == 1:
-        out = ops.reduce("sum", "sum", x.abs(), dims, what="sum|x|")
-    else:
-        powered = ops.ew("pow", torch.pow, x.abs(), ord, what=f"|x|^{ord:g}")
-        total = ops.reduce("sum", "sum", powered, dims, what=f"sum|x|^{ord:g}")
-        out = ops.ew("root", torch.pow, total, 1 / ord)
-    return out if keepdim else out.squeeze(dims)
-
-
-def _linalg_vector_norm(ops, x, ord=2, dim=None, keepdim=False, *, dtype=None, out=None):
-    if out is not None or dtype not in (None, x.dtype):
-        return NotImplemented
-    return _vector_norm(ops, x, float(ord), _dims(x, dim), keepdim)
-
-
-def _norm(ops, input, p="fro", dim=None, keepdim=False, out=None, dtype=None):
-    """torch.norm: a vector norm unless ``p`` is 'nuc' or 'fro' over more than two dims."""
-    frobenius = p is None or p == "fro"
-    if out is not None or dtype not in (None, input.dtype) or (isinstance(p, str) and not frobenius):
-        return NotImplemented
-    if frobenius and isinstance(dim, (list, tuple)) and len(dim) > 2:
-        return NotImplemented
-    return _vector_norm(ops, input, 2.0 if frobenius else float(p), _dims(input, dim), keepdim)
-
-
-def _tensor_norm(ops, input, p="fro", dim=None, keepdim=False, dtype=None):
-    return _norm(ops, input, p, dim, keepdim, None, dtype)
-
-
-def _normalize(ops, input, p=2.0, dim=1, eps=1e-12, out=None):
-    if out is not None or float(p) == 0:
-        return NotImplemented
-    norm = _vector_norm(ops, input, float(p), _dims(input, dim), keepdim=True)
-    denom = ops.ew("clamp_eps", torch.clamp_min, norm, ops.const(eps), what="max(norm, eps)")
-    return ops.ew("div", torch.div, input, denom, what="x/norm")
-
-
-def _attn_bias(mask: Tensor | None, is_causal: bool, scores: Tensor) -> Tensor | None:
-    """The additive form of an attention mask: bool masks (True = attend) become 0/-inf."""
-    if is_causal:
-        length, source = scores.shape[-2:]
-        mask = torch.ones(length, source, dtype=torch.bool, device=scores.device).tril()
-    if mask is None or mask.dtype != torch.bool:
-        return mask
-    return torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device).masked_fill(~mask, -math.inf)
+def _log_softmax_f(ops, input, dim=None, _stacklevel=3, dtype=None):
+    return _log_softmax(ops, input, dim, dtype)
 
 
 def _sdpa(ops, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
           enable_gqa=False):
-    if dropout_p > 0 or (is_causal and attn_mask is not None):
+    if dropout_p > 0 or query.dim() < 2:
         return NotImplemented
-    if enable_gqa:
-        repeat = query.size(-3) // key.size(-3)
-        key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
-    scale = 1 / math.sqrt(query.size(-1)) if scale is None else scale
-    scores = ops.matmul("qk", query, key.transpose(-2, -1), what="q@k^T")
-    scores = ops.ew("scale", torch.mul, scores, ops.const(scale), what="q@k^T*scale")
-    bias = _attn_bias(attn_mask, is_causal, scores)
-    if bias is not None:
-        scores = ops.ew("mask_add", torch.add, scores, bias, what="scores+mask", neg_inf_ok=True)
-    weights = _softmax(ops.nested("softmax"), scores, -1, None, log=False)
-    return ops.matmul("pv", weights, value, what="softmax@v")
+    if scale is None:  # query / sqrt(D), sqrt(D) cast to the query's dtype
+        q = ops.step("scaled_query", torch.div, query, ops.const(math.sqrt(query.size(-1))), what="q/sqrt(D)")
+    else:
+        q = ops.step("scaled_query", torch.mul, query, ops.const(scale), what="q*scale")
+    # IAttention: Q.K^T, mask, softmax and .V in one layer (FP32 scores, as PyTorch's fused kernels)
+    return ops.step("attention",
+                    lambda: F.scaled_dot_product_attention(q, key, value, attn_mask, 0.0, is_causal, scale=1.0,
+                                                           enable_gqa=enable_gqa),
+                    what="attention output", inputs=[q, key, value])
 
 
-_softmax_t, _softmax_f = _softmax_rules(log=False)
-_log_softmax_t, _log_softmax_f = _softmax_rules(log=True)
-_var_t, _std_t = _var_rule(sqrt=False), _var_rule(sqrt=True)
+def _rms_norm(ops, input, normalized_shape, weight=None, eps=None):
+    if fused_rms_norm_is_fp32():
+        return NotImplemented  # torch's composite: FP32 inside, rounded once
+    # replace_fused_rms_norm: x*x, mean, + eps (1e-5 when None), rsqrt -> 1/sqrt, x*, *weight
+    eps = 1e-5 if eps is None else eps
+    sq = ops.ew("mul", torch.mul, input, input, what="x*x")
+    ms = ops.reduce("mean", "mean", sq, _last_dims(normalized_shape), what="mean(x*x)")
+    s = ops.ew("sqrt", torch.sqrt, ops.ew("add_eps", torch.add, ms, ops.const(eps), what="mean(x*x)+eps"))
+    y = ops.ew("mul_x", torch.mul, input, ops.ew("reciprocal", torch.div, 1.0, s, what="1/sqrt"), what="x*rsqrt")
+    return y if weight is None else ops.ew("mul_weight", torch.mul, y, weight, what="y*weight")
 
-_RULES: dict[Callable, tuple[str, Callable]] = {
+
+def _rsqrt(ops, input):
+    # rsqrt -> reciprocal(sqrt) -> div(1, .): two dtype layers
+    s = ops.step("sqrt", torch.sqrt, input, what="sqrt(x)")
+    return ops.step("reciprocal", torch.div, 1.0, s, what="1/sqrt(x)", inputs=[s])
+
+
+def _silu(ops, input, inplace=False):
+    sig = ops.step("sigmoid", torch.sigmoid, input, what="sigmoid(x)")
+    out = ops.step("mul", torch.mul, input, sig, what="x*sigmoid(x)")
+    return input.copy_(out) if inplace else out
+
+
+# --------------------------------------------------------------------------- matmul and conv
+
+
+def _tensors(args: tuple, kwargs: dict) -> list[Tensor]:
+    """The tensor arguments, one level of list/tuple deep (einsum, cat)."""
+    found = []
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, Tensor):
+            found.append(a)
+        elif isinstance(a, (list, tuple)):
+            found.extend(t for t in a if isinstance(t, Tensor))
+    return found
+
+
+def _upcast_arg(a: Any, dtype: torch.dtype) -> Any:
+    if isinstance(a, Tensor):
+        return a.float() if a.dtype == dtype else a
+    if isinstance(a, (list, tuple)) and any(isinstance(t, Tensor) for t in a):
+        return type(a)(_upcast_arg(t, dtype) for t in a)
+    return a
+
+
+def upcast_call(func: Callable, args: tuple, kwargs: dict, dtype: torch.dtype) -> Any:
+    """``func`` computed in FP32 from the ``dtype`` inputs; FP32 outputs rounded to ``dtype``."""
+    out = func(*[_upcast_arg(a, dtype) for a in args], **{k: _upcast_arg(v, dtype) for k, v in kwargs.items()})
+    if isinstance(out, Tensor) and out.dtype == torch.float32:
+        return out.to(dtype)
+    return out
+
+
+def _linear_fp32_acc(args: tuple, kwargs: dict, dtype: torch.dtype) -> Tensor:
+    """``use_fp32_acc``: the matmul cast to FP32 and back, then the bias as a dtype elementwise add."""
+    given = {**dict(zip(("input", "weight", "bias"), args)), **kwargs}
+    bias = given.get("bias")
+    out = upcast_call(F.linear, (given["input"], given["weight"]), {}, dtype)
+    return out if bias is None else out + bias
+
+
+# --------------------------------------------------------------------------- the mode
+
+
+def _get(owner: Any, *names: str) -> list[Callable]:
+    return [getattr(owner, n) for n in names if getattr(owner, n, None) is not None]
+
+
+def _checked_primitives() -> dict[Callable, str]:
+    """Torch functions that can turn finite inputs into Inf/NaN, by the name the evidence uses."""
+    T, tt, sp, la = Tensor, torch, torch.special, torch.linalg
+    groups = {
+        "add": _get(tt, "add") + _get(T, "add", "add_", "__add__", "__radd__", "__iadd__"),
+        "sub": _get(tt, "sub", "subtract", "rsub") + _get(T, "sub", "sub_", "__sub__", "__rsub__", "__isub__"),
+        "mul": _get(tt, "mul", "multiply") + _get(T, "mul", "mul_", "__mul__", "__rmul__", "__imul__"),
+        "div": _get(tt, "div", "divide", "true_divide") + _get(T, "div", "div_", "true_divide", "__truediv__",
+                                                              "__rtruediv__", "__itruediv__", "__rdiv__", "__div__"),
+        "pow": _get(tt, "pow") + _get(T, "pow", "pow_", "__pow__", "__rpow__", "__ipow__"),
+        "square": _get(tt, "square") + _get(T, "square", "square_"),
+        "exp": _get(tt, "exp", "exp2", "expm1", "sinh", "cosh") + _get(T, "exp", "exp_", "expm1", "sinh", "cosh")
+        + _get(sp, "exp2", "expm1"),
+        "log": _get(tt, "log", "log2", "log10") + _get(T, "log", "log_", "log2", "log10"),
+        "reciprocal": _get(tt, "reciprocal") + _get(T, "reciprocal", "reciprocal_"),
+        "sum": _get(tt, "sum", "nansum", "cumsum", "prod", "cumprod") + _get(T, "sum", "nansum", "cumsum", "prod", "cumprod"),
+        "addcmul": _get(tt, "addcmul", "addcdiv", "lerp") + _get(T, "addcmul", "addcdiv", "lerp"),
+        "var": _get(tt, "var", "std", "var_mean", "std_mean") + _get(T, "var", "std"),
+        "vector_norm": _get(la, "vector_norm", "norm") + _get(tt, "norm") + _get(T, "norm"),
+        "cast": _get(T, "to", "half", "bfloat16", "type_as", "type"),
+    }
+    return {f: name for name, fs in groups.items() for f in fs}
+
+
+_MATMUL = (_get(torch, "matmul", "mm", "bmm", "mv", "dot", "einsum", "baddbmm", "addmm", "addbmm", "tensordot",
+                "inner", "outer")
+           + _get(Tensor, "matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "mv", "dot", "baddbmm", "addmm")
+           + _get(F, "bilinear"))
+_CONV = (_get(F, "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+         + _get(torch, "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"))
+_KIND: dict[Callable, str] = {**{f: "matmul" for f in _MATMUL}, **{f: "conv" for f in _CONV}, F.linear: "linear"}
+_CHECKED = _checked_primitives()
+_WHAT = {"cast": "value cast to the dtype", "log": "log output"}
+
+
+def _cast_target(func: Callable, args: tuple, kwargs: dict) -> torch.dtype | None:
+    """The dtype a cast (``Tensor.to/half/bfloat16/type_as/type``) produces, when it says so."""
+    if func is Tensor.half:
+        return torch.float16
+    if func is Tensor.bfloat16:
+        return torch.bfloat16
+    for a in (*args[1:], kwargs.get("dtype"), kwargs.get("other")):
+        if isinstance(a, torch.dtype):
+            return a
+        if isinstance(a, Tensor) and func is not Tensor.to:
+            return a.dtype
+    return None
+
+
+_STRICT_RULES: dict[Callable, tuple[str, Callable]] = {
     F.layer_norm: ("layer_norm", _layer_norm),
     torch.layer_norm: ("layer_norm", _layer_norm),
     F.group_norm: ("group_norm", _group_norm),
@@ -463,144 +550,159 @@ _RULES: dict[Callable, tuple[str, Callable]] = {
     F.instance_norm: ("instance_norm", _instance_norm),
     F.rms_norm: ("rms_norm", _rms_norm),
     torch.rms_norm: ("rms_norm", _rms_norm),
-    F.softmax: ("softmax", _softmax_f),
-    torch.softmax: ("softmax", _softmax_t),
-    Tensor.softmax: ("softmax", _softmax_t),
-    torch.special.softmax: ("softmax", _softmax_t),
     F.log_softmax: ("log_softmax", _log_softmax_f),
     torch.log_softmax: ("log_softmax", _log_softmax_t),
     Tensor.log_softmax: ("log_softmax", _log_softmax_t),
     torch.special.log_softmax: ("log_softmax", _log_softmax_t),
-    F.gelu: ("gelu", _gelu),
-    torch.var: ("var", _var_t),
-    Tensor.var: ("var", _var_t),
-    torch.std: ("std", _std_t),
-    Tensor.std: ("std", _std_t),
-    torch.norm: ("vector_norm", _norm),
-    Tensor.norm: ("vector_norm", _tensor_norm),
-    torch.linalg.vector_norm: ("vector_norm", _linalg_vector_norm),
-    F.normalize: ("normalize", _normalize),
     F.scaled_dot_product_attention: ("scaled_dot_product_attention", _sdpa),
-}
-# Python composites whose insides must stay visible to the mode.
-_TRANSPARENT = frozenset({F.multi_head_attention_forward, F.softmin})
-
-_ACCUMULATE_FP32 = {
-    torch.ops.aten.mm.default: "matmul",
-    torch.ops.aten.addmm.default: "matmul",
-    torch.ops.aten.bmm.default: "matmul",
-    torch.ops.aten.baddbmm.default: "matmul",
-    torch.ops.aten.addbmm.default: "matmul",
-    torch.ops.aten.mv.default: "matmul",
-    torch.ops.aten.addmv.default: "matmul",
-    torch.ops.aten.dot.default: "matmul",
-    torch.ops.aten.vdot.default: "matmul",
-    torch.ops.aten.convolution.default: "conv",
+    torch.rsqrt: ("rsqrt", _rsqrt),
+    Tensor.rsqrt: ("rsqrt", _rsqrt),
+    F.silu: ("silu", _silu),
 }
 
 
-# --------------------------------------------------------------------------- modes
+class EngineMode(TorchFunctionMode):
+    """Replaces composites by their engine rule and checks the primitives that can overflow.
 
+    ``rules`` maps torch functions to ``(composite, rule)``. ``upcast_matmul``/``upcast_conv`` say
+    where matmuls and convolutions compute in FP32 from dtype inputs (``"always"``, or ``"cpu"``:
+    there only, natively elsewhere); ``linear_fp32_acc`` adds linear's bias after the FP32 matmul
+    is rounded (Torch-TensorRT's ``use_fp32_acc``).
+    """
 
-class _Decompose(TorchFunctionMode):
-    """Replaces composite functions whose main input has the emulated dtype."""
-
-    def __init__(self, events: StrictEvents, dtype: torch.dtype, fused_norms: bool) -> None:
+    def __init__(self, events: StrictEvents, dtype: torch.dtype, rules: dict, options: Any,
+                 upcast_matmul: str, upcast_conv: str, linear_fp32_acc: bool = False) -> None:
         super().__init__()
-        self.events, self.dtype, self.fused_norms = events, dtype, fused_norms
+        self.events, self.dtype, self.rules, self.options = events, dtype, rules, options
+        self.upcast_matmul, self.upcast_conv, self.linear_fp32_acc = upcast_matmul, upcast_conv, linear_fp32_acc
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        entry = _RULES.get(func)
-        if entry is not None and self._applies(args, kwargs):
+        entry = self.rules.get(func)
+        if entry is not None and self._main_has_dtype(args, kwargs):
             composite, rule = entry
-            out = rule(_Ops(self.events, composite, self.dtype, self.fused_norms), *args, **kwargs)
+            out = rule(_Ops(self.events, composite, self.dtype, self.options), *args, **kwargs)
             if out is not NotImplemented:
                 self.events.decomposed[composite] += 1
                 return out
-        if func in _TRANSPARENT and _redispatch is not None:
-            with self:
+        kind = _KIND.get(func)
+        if kind is not None:
+            return self._matmul(func, kind, args, kwargs)
+        name = _CHECKED.get(func)
+        if name is not None:
+            return self._checked(func, name, args, kwargs)
+        if _redispatch is not None and entry is None and getattr(func, "__module__", None) == "torch.nn.functional":
+            with self:  # a Python composite: let the mode see the ops inside it
                 return _redispatch(func, types, args, kwargs)
         return func(*args, **kwargs)
 
-    def _applies(self, args: tuple, kwargs: dict) -> bool:
+    # -- helpers ---------------------------------------------------------------------------
+    def _main_has_dtype(self, args: tuple, kwargs: dict) -> bool:
         main = args[0] if args else next(iter(kwargs.values()), None)
         return isinstance(main, Tensor) and main.dtype == self.dtype and main.dim() > 0 and main.numel() > 0
 
-
-class _AccumulateFP32(TorchDispatchMode):
-    """Runs aten matmul/conv ops with dtype inputs in FP32 and rounds the output once."""
-
-    def __init__(self, events: StrictEvents, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.events, self.dtype = events, dtype
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        kind = _ACCUMULATE_FP32.get(func)
-        if kind is None:
+    def _checked(self, func: Callable, name: str, args: tuple, kwargs: dict) -> Any:
+        tensors = _tensors(args, kwargs)
+        if name == "cast":
+            source = tensors[0] if tensors else None
+            involved = (source is not None and source.is_floating_point() and source.dtype != self.dtype
+                        and _cast_target(func, args, kwargs) == self.dtype)
+        else:
+            involved = any(t.dtype == self.dtype for t in tensors)
+        if not involved:
             return func(*args, **kwargs)
-        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        inputs = aminmax_halves(tensors[:1] if name == "cast" else tensors)  # before: in-place ops overwrite
+        out = func(*args, **kwargs)
+        self._record(name, out, inputs)
+        return out
+
+    def _record(self, name: str, out: Any, inputs: tuple[Tensor, ...]) -> None:
+        outs = [out] if isinstance(out, Tensor) else [t for t in out if isinstance(t, Tensor)] if isinstance(out, tuple) else []
+        halves = tuple(h for t in outs if t.dtype == self.dtype and t.numel() for h in torch.aminmax(t))
+        if halves:
+            self.events._call(name, _WHAT.get(name, "output"), inputs, halves)
+
+    def _matmul(self, func: Callable, kind: str, args: tuple, kwargs: dict) -> Any:
+        tensors = _tensors(args, kwargs)
         if not any(t.dtype == self.dtype for t in tensors):
             return func(*args, **kwargs)
-        args32, kwargs32 = tree_map_only(Tensor, self._upcast, (args, kwargs))
-        ops = _Ops(self.events, kind, self.dtype, fused=False)
-        return ops.store(func.overloadpacket.__name__, func(*args32, **kwargs32), tensors, "output")
-
-    def _upcast(self, t: Tensor) -> Tensor:
-        return t.float() if t.dtype == self.dtype else t
+        inputs = aminmax_halves(tensors)
+        policy = self.upcast_conv if kind == "conv" else self.upcast_matmul
+        if kind == "linear" and self.linear_fp32_acc:
+            out = _linear_fp32_acc(args, kwargs, self.dtype)
+        elif policy == "always" or (policy == "cpu" and tensors[0].device.type == "cpu"):
+            out = upcast_call(func, args, kwargs, self.dtype)
+        else:
+            out = func(*args, **kwargs)
+        self._record("conv" if kind == "conv" else "matmul", out, inputs)
+        return out
 
 
 @contextlib.contextmanager
-def strict_mode(dtype: torch.dtype, fused_norms: bool = False) -> Iterator[StrictEvents]:
-    """Run the block as a TensorRT ``dtype`` engine would (see the module docstring).
+def strict_mode(dtype: torch.dtype, *, norm_fp32: bool = True, fp32_acc: bool = False) -> Iterator[StrictEvents]:
+    """Run the block as a Torch-TensorRT ``dtype`` engine would (see the module docstring).
 
-    Yields the :class:`StrictEvents` of the block; read ``events()`` after it. ``fused_norms``
-    keeps the normalization layers whole, in FP32 (ONNX opset >= 17). ``torch.float32`` runs
-    the block untouched.
+    Yields the :class:`StrictEvents` of the block; read ``events()`` after it. ``norm_fp32=False``
+    computes normalizations in the dtype (the pessimistic reading of TensorRT 11);
+    ``fp32_acc=True`` is Torch-TensorRT's ``use_fp32_acc`` (FP16 only). ``torch.float32`` runs the
+    block untouched.
     """
+    _check_dtype(dtype)
+    events = StrictEvents(dtype)
+    if dtype not in LOW_PRECISION:
+        yield events
+        return
+    options = StrictOptions(norm_fp32=norm_fp32, fp32_acc=fp32_acc)
+    acc = fp32_acc and dtype == torch.float16  # the converter casts FP16 matmuls only
+    with EngineMode(events, dtype, _STRICT_RULES, options, upcast_matmul="always" if acc else "cpu",
+                    upcast_conv="cpu", linear_fp32_acc=acc):
+        yield events
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
     if dtype not in STRICT_DTYPES:
         valid = ", ".join(dtype_name(d) for d in STRICT_DTYPES)
         raise InvalidArgument(
             f"strict_mode: dtype {dtype_name(dtype)} is not emulated; valid dtypes: {valid} "
             "(fp32 runs untouched; use torch.float16 or torch.bfloat16 to emulate an engine)"
         )
-    events = StrictEvents(dtype)
-    if dtype not in LOW_PRECISION:
-        yield events
-        return
-    with _AccumulateFP32(events, dtype), _Decompose(events, dtype, fused_norms):
-        yield events
 
 
 # --------------------------------------------------------------------------- backend
 
 
 class StrictCall:
-    """``module`` run under :func:`strict_mode`; ``events`` holds the latest call's evidence."""
+    """``module`` run under ``mode``; ``events`` holds the latest call's evidence."""
 
-    def __init__(self, module: nn.Module, dtype: torch.dtype, fused_norms: bool) -> None:
-        self.module, self.dtype, self.fused_norms = module, dtype, fused_norms
+    def __init__(self, module: nn.Module, mode: Callable[[], contextlib.AbstractContextManager]) -> None:
+        self.module, self._mode = module, mode
         self.events: StrictEvents | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with strict_mode(self.dtype, self.fused_norms) as events:
+        with self._mode() as events:
             self.events = events
             return self.module(*args, **kwargs)
 
 
 class StrictBackend(Backend):
-    """``strict:fp16`` / ``strict:bf16``: the runnable stand-in for a TensorRT engine.
+    """``strict:fp16`` / ``strict:bf16``: the runnable stand-in for a Torch-TensorRT engine.
 
-    ``fused_norms=True`` models an opset >= 17 export, whose normalization layers TensorRT
-    keeps whole and computes in FP32.
+    ``norm_fp32`` (default True: TensorRT 10's documented FP32 compute precision of
+    INormalizationLayer) and ``fp32_acc`` (default False: Torch-TensorRT's ``use_fp32_acc``
+    default) are the readings the sources leave open; see :func:`strict_mode`.
     """
 
     name = "strict"
     cast_weights = True
 
-    def __init__(self, fused_norms: bool = False) -> None:
-        self.fused_norms = fused_norms
+    def __init__(self, *, norm_fp32: bool = True, fp32_acc: bool = False) -> None:
+        self.norm_fp32, self.fp32_acc = norm_fp32, fp32_acc
+
+    def describe(self) -> str:
+        norm = "FP32 inside" if self.norm_fp32 else "FP16 inside (pessimistic)"
+        return (f"Torch-TensorRT 2.11-2.14 profile: normalization layers {norm}, "
+                f"use_fp32_acc={self.fp32_acc}, rms_norm {'FP32' if fused_rms_norm_is_fp32() else 'dtype primitives'} "
+                f"(torch {torch.__version__.split('+')[0]})")
 
     def wrap(self, module: nn.Module, dtype: torch.dtype, args: tuple, kwargs: dict[str, Any]) -> StrictCall:
-        return StrictCall(module, dtype, self.fused_norms)
+        return StrictCall(module, lambda: strict_mode(dtype, norm_fp32=self.norm_fp32, fp32_acc=self.fp32_acc))

@@ -40,8 +40,23 @@ How a module is compiled, and why (facts read in pytorch/TensorRT, ``py/torch_te
   ``autocast_calibration_dataloader`` (``pass_utils.py``), and ``autocast_low_precision_type=None``
   makes the pass a no-op (``rule_based_autocast.py``).
 - Signature drift: 2.12 added ``runtime_cache_path`` and 2.13.0 removed it again (runtime
-  settings); 2.13.0 added ``fallback_data_dependent_ops``; 2.14.0a0 adds
-  ``use_complex_decomposition`` and ``disabled_constant_fold_exclusions``. None is used here.
+  settings); 2.13.0 added ``fallback_data_dependent_ops`` and deprecated ``use_python_runtime``;
+  2.14.0 adds ``use_complex_decomposition`` and ``disabled_constant_fold_exclusions``. None is
+  used here.
+- Versions: 2.11 ships with TensorRT 10.15.1, 2.12 with 10.16.1, 2.13 with 11.0.0; 2.14.0 needs
+  torch 2.14 and ``tensorrt-cu13 >= 11.1, < 11.2``. TensorRT 11 is strongly typed only (weak
+  typing, ``BuilderFlag.FP16`` and per-layer precision are gone), which is why the module is cast.
+- Engine layers (2.11-2.14): each ``_run_on_acc*`` child has ``get_layer_info()``, the engine
+  inspector's JSON. Layers are named ``[TYPE]-[aten_ops.op]-[module.path/node]``
+  (``conversion/converter_utils.py`` ``set_layer_name``/``get_node_name``), fused layers join names
+  with ``+``. The JSON is detailed (layer types, tensor formats and dtypes) only for engines built
+  while a ``torch_tensorrt.dynamo.Debugger`` is active (``_TRTInterpreter.py`` sets
+  ``ProfilingVerbosity.DETAILED`` whenever a debugger config exists, 2.12+; 2.11 only with
+  ``save_engine_profile``); otherwise names only. So the compile runs inside a quiet Debugger
+  (``log_level="error"``, no builder monitor, a temporary ``logging_dir``) where the class exists,
+  and the root logger it reconfigures (``dictConfig``) is restored afterwards.
+  :attr:`CompileInfo.layers` lists the layers, and ``str(info)`` says which layers each module
+  became: that is the evidence isolate's table shows.
 
 Example (on a CUDA machine with torch-tensorrt)::
 
@@ -52,11 +67,12 @@ Example (on a CUDA machine with torch-tensorrt)::
     y = compiled(x.half())                                   # may come back in fp16
     print(compiled.info)
 
-The printed line has this form (illustrative numbers: no TensorRT run could be recorded on the
-machines this was written on)::
+The printed line has this form (illustrative numbers and layers: no TensorRT run could be recorded
+on the machines this was written on)::
 
     tensorrt:fp16 encoder.layers.3: 3 TensorRT engines, 2 PyTorch segments, 35/37 ops in TensorRT (94.6%),
-    fallback: aten.sort.default x2, built in 4.1 s, torch_tensorrt 2.13.0
+    fallback: aten.sort.default x2, built in 4.1 s, torch_tensorrt 2.14.0; layers: norm2 -> NORMALIZATION
+    (FP16); ffn.0 -> MATRIX_MULTIPLY+ELEMENTWISE (FP16); ...
 """
 from __future__ import annotations
 
@@ -67,6 +83,7 @@ import functools
 import importlib.util
 import inspect
 import io
+import json
 import keyword
 import logging
 import operator
@@ -90,6 +107,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CompileInfo",
+    "EngineLayer",
+    "parse_layer_info",
     "TensorRTBackend",
     "TensorRTProgram",
     "autocast_exclusion_regexes",
@@ -124,6 +143,87 @@ _DEPRECATION = r"`use_explicit_typing` is deprecated"
 
 
 @dataclasses.dataclass(frozen=True)
+class EngineLayer:
+    """One layer of a built engine, as the engine inspector names it.
+
+    ``types``, ``ops`` and ``modules`` are parsed from Torch-TensorRT's layer names
+    (``[TYPE]-[aten_ops.op]-[module.path/node]``, several when TensorRT fused layers); ``kind`` is
+    the inspector's ``LayerType`` and ``precision`` the dtype of its outputs (both only in a
+    detailed inspection, else None).
+    """
+
+    name: str
+    types: tuple[str, ...]
+    ops: tuple[str, ...]
+    modules: tuple[str, ...]
+    kind: str | None = None
+    precision: str | None = None
+
+
+_LAYER_PART = re.compile(r"\[([A-Za-z_0-9]+)\]-\[([^\]]+)\]-\[([^\]]+)\]")
+_PRECISIONS = (("FP8", "FP8"), ("INT8", "INT8"), ("BF16", "BF16"), ("BFLOAT16", "BF16"), ("FP16", "FP16"),
+               ("HALF", "FP16"), ("FP32", "FP32"), ("FLOAT", "FP32"), ("INT32", "INT32"), ("INT64", "INT64"), ("BOOL", "BOOL"))
+
+
+def _module_of_node_path(path: str) -> str:
+    """``encoder.layers.3.norm2/native_layer_norm_scaled`` -> ``encoder.layers.3.norm2``; older
+    releases wrote ``/encoder/layers/3/norm2/...``; no module path -> the root."""
+    if "/" not in path:
+        return ROOT
+    if path.startswith("/"):
+        return ".".join(path.strip("/").split("/")[:-1]) or ROOT
+    return path.rsplit("/", 1)[0] or ROOT
+
+
+def _precision(text: str) -> str | None:
+    upper = text.upper()
+    return next((name for key, name in _PRECISIONS if key in upper), None)
+
+
+def parse_layer_info(text: str) -> tuple[EngineLayer, ...]:
+    """The layers of an engine inspector JSON (``get_layer_info()``), names-only or detailed.
+
+    TensorRT 10 writes ``{"Layers": [...], "Bindings": [...]}`` (TensorRT 11 renames the bindings);
+    a names-only inspection lists strings, a detailed one objects with ``Name``, ``LayerType`` and
+    ``Outputs[*]["Format/Datatype"]`` (TensorRT developer guide, "Engine Inspector").
+    """
+    try:
+        data = json.loads(text)
+    except (TypeError, ValueError):
+        return ()
+    entries = data.get("Layers", []) if isinstance(data, dict) else data if isinstance(data, list) else []
+    layers = []
+    for entry in entries:
+        if isinstance(entry, str):
+            name, kind, outputs = entry, None, []
+        elif isinstance(entry, dict):
+            name, kind, outputs = str(entry.get("Name", "")), entry.get("LayerType"), entry.get("Outputs") or []
+        else:
+            continue
+        parts = _LAYER_PART.findall(name)
+        formats = [str(o.get("Format/Datatype", "")) for o in outputs if isinstance(o, dict)]
+        precision = next((p for p in map(_precision, formats) if p), None)
+        layers.append(EngineLayer(
+            name=name,
+            types=tuple(dict.fromkeys(t for t, _, _ in parts)),
+            ops=tuple(dict.fromkeys(op.removeprefix("aten_ops.") for _, op, _ in parts)),
+            modules=tuple(dict.fromkeys(_module_of_node_path(p) for _, _, p in parts)),
+            kind=str(kind) if kind is not None else None,
+            precision=precision,
+        ))
+    return tuple(layers)
+
+
+def layers_by_module(layers: Sequence[EngineLayer]) -> dict[str, list[EngineLayer]]:
+    """The engine layers each module became (a fused layer counts for every module it contains)."""
+    found: dict[str, list[EngineLayer]] = {}
+    for layer in layers:
+        for module in layer.modules or (ROOT,):
+            found.setdefault(module, []).append(layer)
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
 class CompileInfo:
     """What one Torch-TensorRT compile produced.
 
@@ -141,6 +241,8 @@ class CompileInfo:
     fallback_ops: tuple[tuple[str, int], ...]
     version: str
     build_s: float
+    layers: tuple[EngineLayer, ...] = ()
+    layer_info: str = "none"  # "detailed", "names", or why there is none
 
     @property
     def trt_fraction(self) -> float | None:
@@ -165,7 +267,20 @@ class CompileInfo:
             parts.append("fallback: " + ", ".join(f"{op} x{n}" for op, n in self.fallback_ops[:5]))
         parts.append(f"built in {self.build_s:.1f} s")
         parts.append(f"torch_tensorrt {self.version}")
-        return f"tensorrt:{dtype_name(self.dtype)}{where}: " + ", ".join(parts)
+        text = f"tensorrt:{dtype_name(self.dtype)}{where}: " + ", ".join(parts)
+        if self.layers:
+            text += "; layers: " + self.layers_text()
+        return text
+
+    def layers_text(self, limit: int = 8) -> str:
+        """``module -> TYPE+TYPE (precision)`` for the first ``limit`` modules of the engines."""
+        items = []
+        for module, layers in layers_by_module(self.layers).items():
+            types = "+".join(dict.fromkeys(t for layer in layers for t in (layer.types or (layer.kind or "?",))))
+            precisions = sorted({layer.precision for layer in layers if layer.precision})
+            items.append(f"{module} -> {types}" + (f" ({'/'.join(precisions)})" if precisions else ""))
+        more = f"; ... {len(items) - limit} more modules" if len(items) > limit else ""
+        return "; ".join(items[:limit]) + more
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,8 +366,10 @@ class TensorRTBackend(Backend):
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="torchprobe-trt-") as tmp:
             options = compile_options(compile_fn, device=device, timing_cache_path=os.path.join(tmp, "timing_cache.bin"))
-            compiled = _compile(compile_fn, module, args, kwargs, options, label, version)
+            with _detailed_layers(trt, os.path.join(tmp, "debug")) as detail:
+                compiled = _compile(compile_fn, module, args, kwargs, options, label, version)
             build_s = time.perf_counter() - start
+            layers, layer_info = _engine_layers(compiled, detail)
             census = _census(compiled)
             if not census.trt_segments:
                 ops = _top(census.torch_ops)
@@ -277,6 +394,8 @@ class TensorRTBackend(Backend):
             fallback_ops=_top_items(census.torch_ops),
             version=version,
             build_s=build_s,
+            layers=layers,
+            layer_info=layer_info,
         )
         logger.info("%s", info)
         self._last_info = info
@@ -364,11 +483,12 @@ def tensorrt_snippet(
 
     It defines (a) ``compile_keep_fp32``: a self-contained ``keep_fp32(model, names, dtype)``
     helper casts a copy of the model to ``dtype`` and the named submodules back to FP32 with
-    boundary casts, then ``torch.export`` + ``torch_tensorrt.dynamo.compile`` (any version from
-    2.11 on), and (b) ``compile_autocast``: the same modules excluded from Torch-TensorRT's own
-    rule-based autocast (2.10+). ``input_names_hint`` names the model's positional inputs in the
-    final call (default ``x``). The code is valid Python; it runs where ``model`` and the inputs
-    exist, on a CUDA machine with torch-tensorrt.
+    boundary casts done by forward pre/post hooks (module-level functions, so the model still
+    pickles), then ``torch.export`` + ``torch_tensorrt.dynamo.compile`` (any version from 2.11 on),
+    and (b) ``compile_autocast``: the same modules excluded from Torch-TensorRT's own rule-based
+    autocast (2.10+). It only defines things (running it needs nothing but torch-tensorrt); the
+    closing comment shows the call, ``input_names_hint`` naming the model's positional inputs
+    (default ``x``).
     """
     if dtype not in LOW_PRECISION:
         valid = ", ".join(f"torch.{str(d).replace('torch.', '')}" for d in LOW_PRECISION)
@@ -395,8 +515,9 @@ def tensorrt_snippet(
 _SNIPPET = '''\
 # torchprobe fix for TensorRT {dtype_name}: keep {what}, the rest in {dtype_name}.
 # Run on a CUDA machine with torch-tensorrt (>= 2.11) and TensorRT installed.
-# `model` is your float32 nn.Module in eval mode on CUDA; the inputs are on CUDA too.
+# `model` is your float32 nn.Module in eval mode on CUDA; the example inputs are CUDA tensors.
 import copy
+import functools
 
 import torch
 import torch_tensorrt
@@ -418,25 +539,27 @@ def _cast(value, dtype):
     return value
 
 
-def _fp32_forward(forward, dtype):
-    def wrapped(*args, **kwargs):
-        args, kwargs = _cast((args, kwargs), torch.float32)
-        return _cast(forward(*args, **kwargs), dtype)
+def _inputs_to_fp32(module, args, kwargs):
+    return _cast(args, torch.float32), _cast(kwargs, torch.float32)
 
-    return wrapped
+
+def _outputs_to(module, args, kwargs, output, dtype):
+    return _cast(output, dtype)
 
 
 def keep_fp32(model, names, dtype):
     """A copy of `model` cast to `dtype`, with the named submodules kept in float32.
 
-    A kept module gets its floating inputs cast to float32 and its outputs cast back to
-    `dtype`: the casts are part of the exported graph, so a strongly typed TensorRT engine
+    Each kept module gets a forward pre-hook casting its floating inputs to float32 and a forward
+    hook casting its outputs back to `dtype` (module-level functions: the model still pickles and
+    deep-copies). The casts are part of the exported graph, so a strongly typed TensorRT engine
     computes that module in float32.
     """
     model = copy.deepcopy(model).to(dtype)
     for name in names:
         module = model.get_submodule(name).float()
-        module.forward = _fp32_forward(module.forward, dtype)
+        module.register_forward_pre_hook(_inputs_to_fp32, with_kwargs=True)
+        module.register_forward_hook(functools.partial(_outputs_to, dtype=dtype), with_kwargs=True)
     return model
 
 
@@ -472,7 +595,9 @@ def compile_autocast(model, inputs):
     )
 
 
-trt_model = compile_keep_fp32(model, {call_inputs})  # or: compile_autocast(model, {call_inputs})
+# With your model and example inputs:
+#     trt_model = compile_keep_fp32(model, {call_inputs})  # or: compile_autocast(model, {call_inputs})
+#     output = trt_model(*_cast({call_inputs}, DTYPE))      # compile_autocast takes float32 inputs
 '''
 
 
@@ -522,6 +647,47 @@ def _compile(
             return compile_fn(exported, arg_inputs=list(args), kwarg_inputs=kwargs or None, **options)
     except Exception as e:
         raise UnsupportedTarget(f"{label}: torch_tensorrt {version} dynamo.compile failed: {type(e).__name__}: {e}") from e
+
+
+@contextlib.contextmanager
+def _detailed_layers(trt: ModuleType, logging_dir: str) -> Any:
+    """A quiet ``torch_tensorrt.dynamo.Debugger`` around the build, so the engine inspector is
+    detailed; yields "detailed" or why not. The root logger the Debugger reconfigures (it calls
+    ``logging.config.dictConfig``) is restored afterwards."""
+    debugger_cls = getattr(getattr(trt, "dynamo", None), "Debugger", None)
+    if debugger_cls is None:
+        yield "names (torch_tensorrt has no dynamo.Debugger)"
+        return
+    wanted = {"log_level": "error", "engine_builder_monitor": False, "logging_dir": logging_dir, "save_layer_info": False}
+    accepted = inspect.signature(debugger_cls).parameters
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers))
+    try:
+        debugger = debugger_cls(**{k: v for k, v in wanted.items() if k in accepted})
+    except Exception as e:  # never fail a build over the inspection
+        yield f"names (Debugger failed: {type(e).__name__}: {e})"
+        return
+    try:
+        with debugger:
+            yield "detailed"
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
+
+
+def _engine_layers(gm: nn.Module, detail: str) -> tuple[tuple[EngineLayer, ...], str]:
+    """Layers of every TensorRT engine of a compiled graph, from its inspector JSON."""
+    layers: list[EngineLayer] = []
+    for name, child in gm.named_children():
+        if name.startswith(TRT_SEGMENT) and hasattr(child, "get_layer_info"):
+            try:
+                layers.extend(parse_layer_info(child.get_layer_info()))
+            except Exception as e:
+                return tuple(layers), f"none (get_layer_info failed: {type(e).__name__}: {e})"
+    if not layers:
+        return (), "none (the engines returned no layer information)"
+    named_only = all(layer.kind is None for layer in layers)
+    return tuple(layers), ("names" if named_only else "detailed") if detail == "detailed" else detail
 
 
 @dataclasses.dataclass(frozen=True)

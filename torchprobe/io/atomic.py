@@ -22,7 +22,7 @@ folder, so nothing else is ever left next to the target.
 - The new file gets the mode a plain ``open(path, "w")`` would give it (a temp file would be
   0o600), or the mode of the file it replaces.
 
->>> from torchprobe.atomic import write_text
+>>> from torchprobe.io.atomic import write_text
 >>> write_text("notes.txt", "kept in FP32: encoder.layers.1.norm2\\n")
 PosixPath('notes.txt')
 """
