@@ -250,3 +250,18 @@ def test_headroom_bits():
     with pytest.raises(InvalidArgument, match="absolute value >= 0"):
         headroom_bits(-1.0)
     assert doctest.testmod(formats).failed == 0
+
+
+def test_host_counts_split_over_threads_add_up(monkeypatch):
+    """A large CPU tensor is counted in pieces on several threads; the pieces add up to the
+    float64 reference (forced here on small cases, any thread count)."""
+    from torchprobe import stats as S
+
+    monkeypatch.setattr(S, "_pieces", lambda n: 3 if n >= 64 else 1)
+    for dtype in (torch.float32, torch.float64):
+        for name in CASES:
+            x = case(name, dtype)
+            try:
+                assert_matches(read([(x.dtype, tuple(x.shape), Summarizer()(x))])[0], x)
+            except AssertionError as e:
+                raise AssertionError(f"{name}: {e}") from e

@@ -135,6 +135,47 @@ def _below(m: np.ndarray, below14: int, zeros: int, out: np.ndarray, counts: lis
     counts[5] += below14 - n24
 
 
+def _walk(a: np.ndarray, signless: bool, near_zero: bool, big: bool) -> list[int]:
+    """[zeros, beyond FP16, buckets 2..5] of one stretch of a finite array, chunk by chunk."""
+    out = [0] * 6
+    counts = [0] * _N_BUCKETS
+    mag, below, other = _buffers(a.dtype)
+    for i in range(0, a.size, _CHUNK):
+        c = a[i:i + _CHUNK]
+        k = c.size
+        m = c if signless else np.abs(c, out=mag[:k])
+        if big:
+            out[1] += int(np.count_nonzero(np.greater(m, FP16_MAX, out=other[:k])))
+        if not near_zero:
+            continue
+        b = np.less(m, _T14, out=below[:k])
+        nb = int(np.count_nonzero(b))
+        if not nb:
+            continue
+        if nb * 8 <= k:  # few: count over the gathered ones
+            sub = m[b]
+            z = nb - int(np.count_nonzero(sub))
+            _below(sub, nb, z, np.empty(nb, dtype=bool), counts)
+        else:  # many (zeros after a ReLU, tiny values after a GELU): count over the chunk
+            z = int(np.count_nonzero(np.equal(m, 0, out=other[:k])))
+            _below(m, nb, z, other[:k], counts)
+        out[0] += z
+    out[2:] = counts[2:6]
+    return out
+
+
+_POOL_MIN = 1 << 19  # tensors at least this large are counted on several threads (0: never)
+_pool: Any = None
+
+
+def _pieces(n: int) -> int:
+    """How many threads count a tensor of ``n`` elements: the forward's intra-op threads, each
+    given at least 2**17 elements (below that a hand-off costs more than it saves)."""
+    if not _POOL_MIN or n < _POOL_MIN:
+        return 1
+    return max(1, min(torch.get_num_threads(), n >> 17))
+
+
 def _host_counts(a: np.ndarray, lo: float, hi: float, counts: list[int]) -> None:
     """Bucket counts 1..7 of a finite 1-D array (non-finite values already replaced by 0 and
     counted in ``counts[0]``/``counts[8]``; they are taken back out of the zeros here).
@@ -142,40 +183,36 @@ def _host_counts(a: np.ndarray, lo: float, hi: float, counts: list[int]) -> None
     One walk over the array in L2-sized chunks; each chunk is read by two cheap NumPy passes
     (|x|, one comparison with 2**-14, and a count of the mask) and, only where values under
     2**-14 exist, one count per lower bucket edge while some are left (over the few such values
-    when they are few). The passes that cannot count anything, given min and max, are skipped."""
+    when they are few). The passes that cannot count anything, given min and max, are skipped.
+    A large tensor is split over as many threads as the forward uses (NumPy releases the GIL in
+    these loops)."""
+    global _pool
     n = a.size
     replaced = counts[0] + counts[8]  # non-finite values, set to 0 in ``a``
     if lo > hi:  # no finite value at all
         return
-    beyond = 0
-    big = max(-lo, hi)
+    big = max(-lo, hi) > FP16_MAX
     near_zero = lo < _T14 and hi > -_T14  # some finite |x| may be below 2**-14
     zeros = 0 if near_zero else replaced  # the walk counts every zero; else the replaced ones are all
-    if near_zero or big > FP16_MAX:
-        mag, below, other = _buffers(a.dtype)
-        signless = lo >= 0
-        for i in range(0, n, _CHUNK):
-            c = a[i:i + _CHUNK]
-            k = c.size
-            m = c if signless else np.abs(c, out=mag[:k])
-            if big > FP16_MAX:
-                beyond += int(np.count_nonzero(np.greater(m, FP16_MAX, out=other[:k])))
-            if not near_zero:
-                continue
-            b = np.less(m, _T14, out=below[:k])
-            nb = int(np.count_nonzero(b))
-            if not nb:
-                continue
-            if nb * 8 <= k:  # few: count over the gathered ones
-                sub = m[b]
-                z = nb - int(np.count_nonzero(sub))
-                _below(sub, nb, z, np.empty(nb, dtype=bool), counts)
-            else:  # many (zeros after a ReLU, tiny values after a GELU): count over the chunk
-                z = int(np.count_nonzero(np.equal(m, 0, out=other[:k])))
-                _below(m, nb, z, other[:k], counts)
-            zeros += z
+    if near_zero or big:
+        parts = _pieces(n)
+        if parts == 1:
+            found = _walk(a, lo >= 0, near_zero, big)
+        else:
+            if _pool is None or _pool._max_workers < parts - 1:
+                from concurrent.futures import ThreadPoolExecutor
+
+                _pool = ThreadPoolExecutor(parts - 1, thread_name_prefix="torchprobe-counts")
+            step = -(-n // parts)
+            futures = [_pool.submit(_walk, a[i:i + step], lo >= 0, near_zero, big) for i in range(step, n, step)]
+            found = _walk(a[:step], lo >= 0, near_zero, big)
+            for f in futures:
+                found = [x + y for x, y in zip(found, f.result())]
+        zeros += found[0]
+        counts[7] = found[1]
+        for i in range(4):
+            counts[2 + i] += found[2 + i]
     counts[1] = zeros - replaced
-    counts[7] = beyond
     counts[6] = n - sum(counts)
 
 
@@ -188,8 +225,12 @@ def _summary_host(x: Tensor) -> list[float]:
     chunk's scratch, no BLAS call of NumPy's."""
     wide = x if x.dtype in (torch.float32, torch.float64) else x.float()
     n = wide.numel()
-    lo_t, hi_t = torch.aminmax(wide)
-    lo, hi = lo_t.item(), hi_t.item()  # NaN propagates: both finite means no NaN and no Inf
+    if n <= _DOT_CHUNK:  # small: NumPy's reductions cost less to call than torch's
+        a = wide.numpy()
+        lo, hi = float(a.min()), float(a.max())
+    else:  # large: torch's run on the forward's threads
+        lo_t, hi_t = torch.aminmax(wide)
+        lo, hi = lo_t.item(), hi_t.item()  # NaN propagates: both finite means no NaN and no Inf
     counts = [0] * _N_BUCKETS
     finite = wide
     if not (math.isfinite(lo) and math.isfinite(hi)):
