@@ -202,6 +202,8 @@ def _host_counts(a: np.ndarray, lo: float, hi: float, counts: list[int]) -> None
             if _pool is None or _pool._max_workers < parts - 1:
                 from concurrent.futures import ThreadPoolExecutor
 
+                if _pool is not None:
+                    _pool.shutdown(wait=False)
                 _pool = ThreadPoolExecutor(parts - 1, thread_name_prefix="torchprobe-counts")
             step = -(-n // parts)
             futures = [_pool.submit(_walk, a[i:i + step], lo >= 0, near_zero, big) for i in range(step, n, step)]
