@@ -2,7 +2,7 @@
 
     python examples/detector_fp16.py
 
-1. report(): PyTorch FP16 and autocast agree with FP32; the TensorRT-like strict:fp16 target
+1. report(): PyTorch FP16 and autocast agree with FP32; the TensorRT-like strict-onnx:fp16 target (the ONNX parser path)
    diverges, and the culprit is named in the model's own module names, with the reason.
 2. bisect(): the smallest set of modules to keep in FP32, measured end to end.
 3. The fix applied and verified under eager FP16 and torch.compile (inductor), and printed as
@@ -15,11 +15,11 @@ from torchprobe.models.detector import build_detector
 
 model, images = build_detector()
 
-rep = tp.report(model, images, targets=("autocast:fp16", "eager:fp16", "strict:fp16"))
+rep = tp.report(model, images, targets=("autocast:fp16", "eager:fp16", "strict-onnx:fp16"))
 print(rep)
 print("top culprit:", rep.culprits[0])
 
-fix = tp.bisect(model, images, target="strict:fp16", tol=1e-2)
+fix = tp.bisect(model, images, target="strict-onnx:fp16", tol=1e-2)
 print(fix)
 assert fix, "no verified fix"
 

@@ -51,14 +51,14 @@ def test_story_on_the_gpu():
     model, images = build_detector()
     model, images = model.cuda(), images.cuda()
     before = snapshot(model)
-    rep = tp.report(model, images, targets=("autocast:fp16", "eager:fp16", "strict:fp16"))
+    rep = tp.report(model, images, targets=("autocast:fp16", "eager:fp16", "strict-onnx:fp16"))
     assert_unchanged(model, before)
     assert rep.outcome("autocast:fp16").passed and rep.outcome("eager:fp16").passed
-    assert not rep.outcome("strict:fp16").passed
+    assert not rep.outcome("strict-onnx:fp16").passed
     assert (rep.culprits[0].module, rep.culprits[0].reason) == ("encoder.layers.1.norm2", "overflow")
     norm = rep.error("encoder.layers.1.norm2", "autocast:fp16", "local")
     assert norm.metrics.rel_l2 == 0.0  # CUDA autocast keeps layer_norm in FP32
-    fix = tp.bisect(model, images, target="strict:fp16")
+    fix = tp.bisect(model, images, target="strict-onnx:fp16")
     assert fix and fix.keep_fp32 == ("encoder.layers.1.norm2",)
     assert_unchanged(model, before)
 

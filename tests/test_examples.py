@@ -11,8 +11,8 @@ def test_detector_example_runs_the_whole_path(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
-    assert re.search(r"strict:fp16 +DIVERGES", out)
-    assert "top culprit: encoder.layers.1.norm2 [strict:fp16] overflow" in out
+    assert re.search(r"strict-onnx:fp16 +DIVERGES", out)
+    assert "top culprit: encoder.layers.1.norm2 [strict-onnx:fp16] overflow" in out
     assert "VERIFIED" in out and "keep in FP32: encoder.layers.1.norm2" in out
     for line in out.splitlines():
         if line.startswith(("eager fp16 with the fix", "inductor fp16 with the fix")):

@@ -101,7 +101,7 @@ def test_golden_explain_of_one_minilm_layer():
     text = "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
     path = GOLDEN / "explain_minilm_layer0.txt"
     if os.environ.get("TORCHPROBE_REGEN_GOLDEN") == "1":
-        from torchprobe.atomic import write_text
+        from torchprobe.io.atomic import write_text
 
         GOLDEN.mkdir(exist_ok=True)
         write_text(path, text)

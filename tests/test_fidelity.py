@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from torchprobe.atomic import write_text
+from torchprobe.io.atomic import write_text
 from torchprobe.targets.rules import RULES, remove_assert_nodes, rule_for, rules_markdown, trt_decomposition_table
 from torchprobe.targets.strict import strict_mode
 

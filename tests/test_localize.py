@@ -16,13 +16,13 @@ def test_seed_scenario_strict_finds_the_overflowing_layernorm():
         model(x)
     assert rec["inp"].absmax > 1000 and rec["norm"].absmax < 10  # FP32 output is normal
     before = snapshot(model)
-    rep = tp.report(model, x, targets=("eager:fp16", "autocast:fp16", "strict:fp16"))
+    rep = tp.report(model, x, targets=("eager:fp16", "autocast:fp16", "strict-onnx:fp16"))
     assert_unchanged(model, before)
     assert rep.outcome("eager:fp16").passed and rep.outcome("autocast:fp16").passed
-    assert not rep.outcome("strict:fp16").passed
-    assert rep.outcome("strict:fp16").output_error.rel_l2 > 0.1
+    assert not rep.outcome("strict-onnx:fp16").passed
+    assert rep.outcome("strict-onnx:fp16").output_error.rel_l2 > 0.1
     top = rep.culprits[0]
-    assert (top.module, top.target, top.reason) == ("norm", "strict:fp16", "overflow")
+    assert (top.module, top.target, top.reason) == ("norm", "strict-onnx:fp16", "overflow")
     assert [c.module for c in rep.culprits] == ["norm"]
     text = str(rep)
     assert text.index("DIVERGES") < text.index("module call")  # verdict first

@@ -1,7 +1,7 @@
 """Keep-FP32 plans: a fixed model is a normal model (deepcopy, pickle, state_dict, export, torchprobe).
 
 Models: the demo detector (``torchprobe.models.detector``, whose ``encoder.layers.1.norm2``
-overflows under ``strict:fp16``) and a one-layer BERT from a transformers config.
+overflows under ``strict-onnx:fp16``) and a one-layer BERT from a transformers config.
 """
 import collections
 import copy
@@ -160,21 +160,21 @@ def test_export_computes_the_kept_module_in_fp32():
 
 def test_a_fixed_model_handed_back_to_torchprobe_is_found_healthy():
     model, images = build_detector()
-    fix = tp.bisect(model, images, target="strict:fp16", tol=1e-2)
+    fix = tp.bisect(model, images, target="strict-onnx:fp16", tol=1e-2)
     assert fix and fix.keep_fp32 == ("encoder.layers.1.norm2",) and fix.error_before > 0.1
     fixed = fix.apply(model)
     state = snapshot(fixed)
     # torchprobe's own copy of the fixed model, cast to the target dtype, keeps the module FP32
-    runner = build("strict:fp16", fixed, (images,), {})
+    runner = build("strict-onnx:fp16", fixed, (images,), {})
     assert kept_fp32(runner.module) == ["encoder.layers.1.norm2"]
     assert runner.module.encoder.layers[1].norm2.weight.dtype == torch.float32
-    planned = build("strict:fp16", model, (images,), {}, keep_fp32=fix.keep_fp32)
+    planned = build("strict-onnx:fp16", model, (images,), {}, keep_fp32=fix.keep_fp32)
     assert_same_outputs(runner(images), planned(images))  # the fixed model measures as the plan does
     reference = build("fp32", fixed, (images,), {})  # the reference: the fixed model's weights, all in FP32
     assert {p.dtype for p in reference.module.parameters()} == {torch.float32}
-    rep = tp.report(fixed, images, targets=("strict:fp16",))
+    rep = tp.report(fixed, images, targets=("strict-onnx:fp16",))
     assert rep and not rep.culprits, str(rep)
-    again = tp.bisect(fixed, images, target="strict:fp16", tol=1e-2)
+    again = tp.bisect(fixed, images, target="strict-onnx:fp16", tol=1e-2)
     assert again and again.keep_fp32 == () and again.error_before <= 1e-2
     assert_unchanged(fixed, state)
 

@@ -41,7 +41,7 @@ def test_seed_scenario_fix_keeps_the_layernorm_and_is_verified():
     model = GrownNorm().eval()
     x = torch.randn(8, 16)
     before = snapshot(model)
-    fix = tp.bisect(model, x, target="strict:fp16", tol=1e-2)
+    fix = tp.bisect(model, x, target="strict-onnx:fp16", tol=1e-2)
     assert_unchanged(model, before)
     assert fix and fix.verified
     assert set(fix.keep_fp32) in ({"norm"}, {"norm", "inp"})
@@ -64,7 +64,7 @@ def test_seed_scenario_fix_keeps_the_layernorm_and_is_verified():
 def test_two_independent_culprits_are_both_kept():
     model = TwoCulprits().eval()
     x = torch.randn(4, 32)
-    fix = tp.bisect(model, x, target="strict:fp16")
+    fix = tp.bisect(model, x, target="strict-onnx:fp16")
     assert fix, str(fix)
     assert set(fix.keep_fp32) == {"blocks.1.2", "blocks.4.2"}
 
@@ -73,7 +73,7 @@ def test_single_culprit_among_many_modules_within_the_stated_bound():
     model = deep_chain(depth=32, culprit=21).eval()
     x = torch.randn(4, 32)
     leaves = [f"{i}.{j}" for i in range(32) for j in range(2)]
-    fix = tp.bisect(model, x, target="strict:fp16", candidates=leaves)
+    fix = tp.bisect(model, x, target="strict-onnx:fp16", candidates=leaves)
     assert fix.keep_fp32 == ("21.1",)
     assert fix.evaluations <= 2 + 2 * math.ceil(math.log2(len(leaves))) + 1  # + the final verification
     assert fix.bound == 2 + 2 * math.ceil(math.log2(len(leaves)))
@@ -82,7 +82,7 @@ def test_single_culprit_among_many_modules_within_the_stated_bound():
 def test_refuses_to_claim_a_fix_it_did_not_measure():
     model = GrownNorm().eval()
     x = torch.randn(8, 16)
-    fix = tp.bisect(model, x, target="strict:fp16", tol=1e-9)  # FP16 can never get this close
+    fix = tp.bisect(model, x, target="strict-onnx:fp16", tol=1e-9)  # FP16 can never get this close
     assert not fix
     assert fix.keep_fp32 == () and fix.error_after == fix.error_before
     assert "no candidate set meets tol" in fix.message and "tried" in fix.message
@@ -92,13 +92,13 @@ def test_refuses_to_claim_a_fix_it_did_not_measure():
 def test_isolate_is_hierarchical_and_counts_compilations():
     model = deep_chain(depth=8, culprit=5).eval()
     x = torch.randn(4, 32)
-    table = tp.isolate(model, x, target="strict:fp16")
+    table = tp.isolate(model, x, target="strict-onnx:fp16")
     measured = {r.key for r in table.rows}
     assert {str(i) for i in range(8)} <= measured  # every top-level block
     assert measured - {str(i) for i in range(8)} == {"5.0", "5.1"}  # descended only into block 5
     assert [r.module for r in table.culprits] == ["5.1"]
     assert table.compilations == len(table.rows) == 10
-    leaves = tp.isolate(model, x, target="strict:fp16", modules="leaves")
+    leaves = tp.isolate(model, x, target="strict-onnx:fp16", modules="leaves")
     assert len(leaves.rows) == 16 and [r.module for r in leaves.culprits] == ["5.1"]
     assert "5.1 *" in str(table)
 
@@ -120,7 +120,7 @@ def test_isolate_caches_compilations_of_a_shared_module():
 def test_snippets_are_valid_python_and_the_autocast_one_runs():
     model = GrownNorm().eval()
     x = torch.randn(8, 16)
-    fix = tp.bisect(model, x, target="strict:fp16")
+    fix = tp.bisect(model, x, target="strict-onnx:fp16")
     for target in ("tensorrt", "autocast", "eager", "inductor"):
         code = fix.snippet(target)
         ast.parse(code)

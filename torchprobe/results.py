@@ -38,6 +38,7 @@ class BackendEvent:
     input_absmax: float
     dtype: str
     reason: Reason = Reason.OVERFLOW
+    text: str = ""  # the backend's own sentence, e.g. "layer_norm: (x-mean)^2 overflowed FP16 (...)"
 
 
 @dataclass(frozen=True)

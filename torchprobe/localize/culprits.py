@@ -102,8 +102,7 @@ def _explain(call: _Call, failure: str | None, metric: Metric, tol: float, targe
     events = list(dict.fromkeys(ev for e in call.errors for ev in e.events))
     if events:
         reason = min((ev.reason for ev in events), key=lambda r: r.severity)
-        text = "; ".join(f"{ev.op.rsplit('/', 1)[0]}: {ev.what} overflowed {ev.dtype.upper().replace('FLOAT', 'FP')} "
-                         f"({ev.count} values, input absmax {ev.input_absmax:.4g})" for ev in events[:4])
+        text = "; ".join(ev.text or f"{ev.op}: {ev.what} overflowed ({ev.count} values)" for ev in events[:4])
         return reason, f"{text} (local {metric.name} {_num(local)})"
     added = [e.stats for e in call.errors if e.metrics is not None and e.metrics.nonfinite_mismatch and e.stats]
     if added:

@@ -192,8 +192,8 @@ class Session:
             if p.stats is not None:
                 stats = read_stats[si]
                 si += 1
-            events = tuple(BackendEvent(ev.op, ev.what, ev.count, ev.input_absmax, str(ev.dtype).replace("torch.", ""))
-                           for recorded in p.events for ev in recorded.events())
+            events = tuple(BackendEvent(ev.op, ev.what, ev.count, ev.input_absmax, str(ev.dtype).replace("torch.", ""),
+                                        text=str(ev)) for recorded in p.events for ev in recorded.events())
             errors.append(ModuleError(p.key, p.call.name, p.call.index, p.target, p.kind, metrics, stats, p.failure, events))
         inputs = [InputStats(key, s) for (key, _, _, _), s in zip(self.inputs, input_stats)]
         return errors, inputs
