@@ -295,8 +295,8 @@ def device_time(fn: Callable[[], Any], device: torch.device, reps: int = 20, war
 @contextlib.contextmanager
 def counting_syncs(device: torch.device) -> Iterator[list[int]]:
     """Count host synchronizations on CUDA (``torch.cuda.set_sync_debug_mode('warn')`` warns once
-    per synchronizing call); yields a one-element list holding the count after the block."""
-    out = [0]
+    per synchronizing call); yields a list holding the count after the block, then the messages."""
+    out: list[Any] = [0, []]
     if device.type != "cuda":
         yield out
         return
@@ -309,7 +309,8 @@ def counting_syncs(device: torch.device) -> Iterator[list[int]]:
             yield out
         finally:
             torch.cuda.set_sync_debug_mode(previous)
-    out[0] = sum(1 for w in caught if "synchroniz" in str(w.message).lower())
+    out[1] = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "synchroniz" in str(w.message).lower()]
+    out[0] = len(out[1])
 
 
 def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:

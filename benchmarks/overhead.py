@@ -187,7 +187,11 @@ def measure(w: C.Workload, pkgs: dict[str, Any], reps: int, warmup: int, hf: boo
     C.interleaved(variants, device, reps, warmup)
     r = Result(w, variants)
     r.calls, r.tensors, r.nbytes = footprint(tp, w)
-    fns = {"plain": w.call}
+    def bare() -> None:  # calibration: a no-op process-wide forward hook
+        with torch.nn.modules.module.register_module_forward_hook(lambda m, a, k, o: None, with_kwargs=True):
+            w.call()
+
+    fns = {"plain": w.call, "bare hook": bare}
     for label, pkg in pkgs.items():
         fns[f"record{label}"] = forward_only(pkg, w)
         fns[f"hooks only{label}"] = forward_only(pkg, w, stats=False)
@@ -203,6 +207,8 @@ def measure(w: C.Workload, pkgs: dict[str, Any], reps: int, warmup: int, hf: boo
             with C.counting_syncs(device) as at_read:
                 rec.rows
             r.syncs[f"record{label}"] = (in_forward[0], at_read[0])
+            for message in in_forward[1]:
+                print(f"  {w.name} record{label}: sync in the forward: {message[:160]}", file=sys.stderr)
     else:
         r.own = own_time({f"record{k}": v for k, v in pkgs.items()}, w, max(5, reps // 2))
     return r
@@ -226,23 +232,24 @@ def ratio_table(results: list[Result], labels: list[str]) -> str:
         row = [r.workload.name, f"{plain * 1e3:.2f}"]
         for label in labels:
             rec, hooks = r.by_name(f"record{label}"), r.by_name(f"hooks only{label}")
-            row += [f"{rec.median / plain:.2f}x", f"{hooks.median / plain:.2f}x", f"{r.host_us[f'record{label}']:.1f}"]
+            row += [f"{rec.median / plain:.2f}x", f"{hooks.median / plain:.2f}x",
+                    f"{r.host_us[f'record{label}']:.1f} / {r.host_us[f'hooks only{label}']:.1f}"]
         if r.floor is not None:
             row.append(f"{r.floor / plain:.2f}x")
         hf = r.by_name("HF DebugUnderflowOverflow")
         if hf is not None:
             row.append(f"{hf.median / plain:.2f}x")
-        row += [str(r.calls), str(r.tensors), C.mib(r.nbytes)]
+        row += [f"{r.host_us['bare hook']:.1f}", str(r.calls), str(r.tensors), C.mib(r.nbytes)]
         rows.append(row)
     headers = ["model", "plain ms"]
     for label in labels:
         name = label.strip(" ()") or "this"
-        headers += [f"record() [{name}]", f"hooks only [{name}]", f"{'host' if results and results[0].workload.device.type == 'cuda' else 'extra'} us/call [{name}]"]
+        headers += [f"record() [{name}]", f"hooks only [{name}]", f"{'host' if results and results[0].workload.device.type == 'cuda' else 'extra'} us/call record / hooks [{name}]"]
     if any(r.floor is not None for r in results):
         headers.append("read-once floor")
     if any(r.by_name("HF DebugUnderflowOverflow") for r in results):
         headers.append("HF debug")
-    headers += ["module calls", "tensors read", "MiB read"]
+    headers += ["bare hook us/call", "module calls", "tensors read", "MiB read"]
     return tabulate(rows, headers=headers, disable_numparse=True, colalign=("left",) + ("right",) * (len(headers) - 1))
 
 
@@ -311,7 +318,7 @@ def tune(device: torch.device) -> str:
             ok = all(getattr(got, f) == getattr(ref, f) for f in ("nan", "inf", "beyond_fp16", "subnormal_fp16", "flush_fp16", "numel", "min", "max"))
             seconds = C.device_time(lambda: summarize(x), device, reps=20, warmup=3)
             gbs = x.numel() * x.element_size() / seconds / 1e9
-            compiled = [v for k, v in S._compiled.items() if k[-1] == "public" and k[0] == dtype and k[6:8] == (block, warps)]
+            compiled = [v for k, v in S._compiled.items() if k[-1] == "public" and k[0] == dtype and k[3] == S._CONFIG[dtype]]
             regs = f"{compiled[0].n_regs} / {compiled[0].n_spills}" if compiled and hasattr(compiled[0], "n_regs") else "?"
             rows.append([str(dtype).replace("torch.", ""), f"{block} x4", str(warps), str(per_sm), regs, f"{gbs:.0f}", "ok" if ok else "WRONG"])
             if ok and (best is None or gbs > best[0]):

@@ -250,17 +250,17 @@ class Recording:
     def summary(self, t: Tensor, copy: bool = True) -> tuple[Any, Tensor | None]:
         """Summary vector (and captured copy) of ``t``, reused when the very same tensor object
         in the same version was seen already (a container returning its child's output)."""
-        seen = self._seen
+        keep = copy and self.capture
+        if t.is_inference():  # no version counter: never reused
+            return (self._summarize(t) if t.is_floating_point() else None), (self._copy(t) if keep else None)
+        version = t._version
         key = id(t)
-        hit = seen.get(key)
-        inference = t.is_inference()  # no version counter: never reused
-        if hit is not None and not inference and hit[0]() is t and hit[1] == t._version:
-            if hit[3] is not None or not (copy and self.capture):
-                return hit[2], hit[3]
+        hit = self._seen.get(key)
+        if hit is not None and hit[1] == version and hit[0]() is t and (hit[3] is not None or not keep):
+            return hit[2], hit[3]
         vector = self._summarize(t) if t.is_floating_point() else None
-        kept = self._copy(t) if copy and self.capture else None
-        if not inference:
-            seen[key] = (weakref.ref(t), t._version, vector, kept)
+        kept = self._copy(t) if keep else None
+        self._seen[key] = (weakref.ref(t), version, vector, kept)
         return vector, kept
 
     def _copy(self, t: Tensor) -> Tensor:
@@ -272,8 +272,13 @@ class Recording:
     def observe(self, call: Call, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         """The after-hook: summarize (and capture) every tensor leaf of one module call's output."""
         self._rows = None
-        leaves = ((("", output),) if isinstance(output, Tensor) else named_leaves(output))
-        for path, t in leaves:
+        if isinstance(output, Tensor):  # the common case: one tensor, no tree to walk
+            vector, copy = self.summary(output)
+            self._pending.append(_Pending((call, "", output.dtype, output.shape, vector)))
+            if copy is not None:
+                self._tensors[call.key] = copy
+            return
+        for path, t in named_leaves(output):
             vector, copy = self.summary(t)
             self._pending.append(_Pending((call, path, t.dtype, t.shape, vector)))
             if copy is not None:

@@ -260,12 +260,13 @@ _SLAB_WIDTH = 16
 _SLAB_ROWS = 1024
 _KEY_INIT = 1 << 40
 _LIMIT = 2**31 - 2**26  # int32 offsets inside the kernel
-# Per dtype: (FMT, elements per load, warps, programs per SM). A thread loads 16 bytes per load,
-# four loads per loop step; the programs of one launch are all resident at once.
+# Per dtype: (FMT, elements per load, warps, programs per SM); the fastest of a sweep on an H200
+# (benchmarks/overhead.py --tune). Four loads per loop step; the programs of one launch are all
+# resident at once.
 _CONFIG: dict[torch.dtype, tuple[int, int, int, int]] = {
-    torch.float32: (0, 512, 4, 4),
-    torch.float16: (1, 1024, 4, 4),
-    torch.bfloat16: (2, 1024, 4, 4),
+    torch.float32: (0, 512, 4, 8),
+    torch.float16: (1, 512, 4, 8),
+    torch.bfloat16: (2, 512, 4, 8),
 }
 _FUSED_DTYPES = tuple(_CONFIG)
 _kernel: Any = None
@@ -294,14 +295,12 @@ class _Slab:
         self.used = _SLAB_ROWS
         self.sms = torch.cuda.get_device_properties(self.device).multi_processor_count
 
-    def take(self) -> int:
-        if self.used == _SLAB_ROWS:
-            block = torch.zeros(_SLAB_ROWS, _SLAB_WIDTH, dtype=torch.int64, device=self.device)
-            block[:, 0].fill_(_KEY_INIT)
-            block[:, 1].fill_(-_KEY_INIT)
-            self.block, self.ptr, self.used = block, block.data_ptr(), 0
-        self.used += 1
-        return self.used - 1
+    def grow(self) -> None:
+        """A fresh block of rows (the summarizer takes them one by one: ``used`` counts them)."""
+        block = torch.zeros(_SLAB_ROWS, _SLAB_WIDTH, dtype=torch.int64, device=self.device)
+        block[:, 0].fill_(_KEY_INIT)
+        block[:, 1].fill_(-_KEY_INIT)
+        self.block, self.ptr, self.used = block, block.data_ptr(), 0
 
 
 class SlabRow:
@@ -356,15 +355,16 @@ class _Direct:
 
 
 def _launch(kernel: Any, x: Tensor, n: int, slab: _Slab, row: int, index: int) -> None:
-    fmt, block, warps, per_sm = _CONFIG[x.dtype]
+    config = _CONFIG[x.dtype]
+    fmt, block, warps, per_sm = config
     step = 4 * block
     steps = -(-n // step)
     programs = min(steps, per_sm * slab.sms)
     full, iters = n // step, -(-steps // programs)
     ptr = x.data_ptr()
     # Triton specializes on: dtype, 16-byte alignment of x, n divisible by 16 or equal to 1 (the
-    # other ints are do_not_specialize); one compiled kernel per such key and device.
-    key = (x.dtype, ptr % 16 == 0, n % 16 == 0, n == 1, index, fmt, block, warps)
+    # other ints are do_not_specialize); one compiled kernel per such key, launch shape and device.
+    key = (x.dtype, (ptr & 15 == 0) + 2 * (n & 15 == 0) + 4 * (n == 1), index, config)
     direct = _compiled.get(key)
     if direct is not None and not direct.enter.calls and not direct.exit.calls:
         try:
@@ -418,20 +418,24 @@ class Summarizer:
         n = x.numel()
         if n == 0:
             return None
-        if x.is_cuda and self.fused is not False and x.dtype in _FUSED_DTYPES and n < _LIMIT:
+        if x.is_cuda and self.fused is not False and x.dtype in _CONFIG and n < _LIMIT:
             kernel = _kernel if _kernel is not None else _triton_kernel()
             if kernel:
                 index = x.get_device()
                 slab = self._slabs.get(index)
                 if slab is None:
                     slab = self._slabs[index] = _Slab(index)
-                row = slab.take()
-                flat = x if _dense(x) else x.detach().contiguous()
+                if slab.used == _SLAB_ROWS:
+                    slab.grow()
+                row = slab.used
+                slab.used = row + 1
+                if not (x.is_contiguous() or _dense(x)):
+                    x = x.detach().contiguous()
                 if index == torch._C._cuda_getDevice():
-                    _launch(kernel, flat, n, slab, row, index)
+                    _launch(kernel, x, n, slab, row, index)
                 else:
                     with torch.cuda.device(index):
-                        _launch(kernel, flat, n, slab, row, index)
+                        _launch(kernel, x, n, slab, row, index)
                 return SlabRow(slab.block, row)
         x = x.detach()
         flat = x.as_strided((n,), (1,)) if _dense(x) else x.reshape(-1)
