@@ -340,9 +340,13 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--tune", action="store_true", help="CUDA: sweep the kernel's launch shape first, keep the fastest")
     parser.add_argument("--host-pool", type=int, default=None,
                         help="CPU: count tensors of at least this many elements on several threads (0: never)")
+    parser.add_argument("--torch-counts", type=int, default=None,
+                        help="CPU: with several threads, count tensors of at least this many elements with torch ops")
     args, device = C.setup(parser, argv)
     if args.host_pool is not None:
         tp.stats._POOL_MIN = args.host_pool
+    if args.torch_counts is not None:
+        tp.stats._TORCH_COUNTS_MIN = args.torch_counts
     reps = args.reps or (5 if args.quick else (20 if device.type == "cpu" else 30))
     warmup = 2 if args.quick else 4
     pkgs = {"": tp}

@@ -265,3 +265,18 @@ def test_host_counts_split_over_threads_add_up(monkeypatch):
                 assert_matches(read([(x.dtype, tuple(x.shape), Summarizer()(x))])[0], x)
             except AssertionError as e:
                 raise AssertionError(f"{name}: {e}") from e
+
+
+def test_torch_counting_path_matches_the_float64_reference(monkeypatch):
+    """The torch-ops counting (used with several threads on large tensors when enabled)."""
+    from torchprobe import stats as S
+
+    monkeypatch.setattr(S, "_TORCH_COUNTS_MIN", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    for dtype in (torch.float32, torch.float64):
+        for name in CASES:
+            x = case(name, dtype)
+            try:
+                assert_matches(read([(x.dtype, tuple(x.shape), Summarizer()(x))])[0], x)
+            except AssertionError as e:
+                raise AssertionError(f"{name}: {e}") from e

@@ -176,6 +176,36 @@ def _pieces(n: int) -> int:
     return max(1, min(torch.get_num_threads(), n >> 17))
 
 
+_TORCH_COUNTS_MIN = 0  # with several threads, tensors this large are counted by torch ops (0: never)
+
+
+def _torch_counts(x: Tensor, lo: float, hi: float, counts: list[int]) -> None:
+    """:func:`_host_counts` through torch's own (multi-threaded) comparisons and counts."""
+    n = x.numel()
+    replaced = counts[0] + counts[8]
+    if lo > hi:
+        return
+    big = max(-lo, hi) > FP16_MAX
+    near_zero = lo < _T14 and hi > -_T14
+    zeros = 0 if near_zero else replaced
+    if near_zero or big:
+        m = x if lo >= 0 else x.abs()
+        if big:
+            counts[7] = int(torch.count_nonzero(m > FP16_MAX))
+        if near_zero:
+            nb = int(torch.count_nonzero(m < _T14))
+            zeros = n - int(torch.count_nonzero(m)) if nb else 0
+            n24 = int(torch.count_nonzero(m < _T24)) if nb > zeros else zeros
+            n126 = int(torch.count_nonzero(m < _T126)) if n24 > zeros else zeros
+            n133 = int(torch.count_nonzero(m < _T133)) if n126 > zeros else zeros
+            counts[2] += n133 - zeros
+            counts[3] += n126 - n133
+            counts[4] += n24 - n126
+            counts[5] += nb - n24
+    counts[1] = zeros - replaced
+    counts[6] = n - sum(counts)
+
+
 def _host_counts(a: np.ndarray, lo: float, hi: float, counts: list[int]) -> None:
     """Bucket counts 1..7 of a finite 1-D array (non-finite values already replaced by 0 and
     counted in ``counts[0]``/``counts[8]``; they are taken back out of the zeros here).
@@ -245,7 +275,10 @@ def _summary_host(x: Tensor) -> list[float]:
         finite = torch.nan_to_num(wide, nan=0.0, posinf=0.0, neginf=0.0)
     total = float(finite.sum())  # torch's cascade sum: ~1e-7 relative at any size
     sumsq = _host_sumsq(finite)
-    _host_counts(finite.numpy(), lo, hi, counts)
+    if _TORCH_COUNTS_MIN and n >= _TORCH_COUNTS_MIN and torch.get_num_threads() > 1:
+        _torch_counts(finite, lo, hi, counts)
+    else:
+        _host_counts(finite.numpy(), lo, hi, counts)
     return [lo, hi, total, sumsq, *map(float, counts)]
 
 
