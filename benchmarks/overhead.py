@@ -277,11 +277,13 @@ def stats_bandwidth(w: C.Workload, summarizers: dict[str, Callable[[torch.Tensor
     device = w.device
     tensors: list[torch.Tensor] = []
     seen: set[int] = set()
+    alive: list[torch.Tensor] = []  # so that no id is reused by a later tensor during the forward
 
     def keep(module: torch.nn.Module, args: Any, output: Any) -> None:
         for _, t in named_leaves(output):
             if t.is_floating_point() and id(t) not in seen:
                 seen.add(id(t))
+                alive.append(t)
                 tensors.append(t.detach().clone())
 
     handle = torch.nn.modules.module.register_module_forward_hook(keep)
@@ -289,6 +291,7 @@ def stats_bandwidth(w: C.Workload, summarizers: dict[str, Callable[[torch.Tensor
         w.call()
     finally:
         handle.remove()
+    alive.clear()
     nbytes = sum(t.numel() * t.element_size() for t in tensors)
     rows = []
     for name, summarize in summarizers.items():
