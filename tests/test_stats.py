@@ -1,3 +1,4 @@
+import dataclasses
 import doctest
 import math
 
@@ -154,6 +155,28 @@ def test_slab_rows_decode_to_the_float64_reference(dtype):
             assert_matches(s, x)
         except AssertionError as e:
             raise AssertionError(f"{name}: {e}") from e
+
+
+def test_read_decodes_slab_rows_in_one_batch_as_row_by_row():
+    """read() turns slab rows (here hand-built, in a host block) into the same statistics as the
+    row-by-row decoding, and both match the float64 reference; mixed with host vectors and None."""
+    from torchprobe.stats import SlabRow
+
+    xs = [case(name, dtype) for dtype in (torch.float32, torch.float16, torch.bfloat16) for name in CASES]
+    block = torch.from_numpy(np.stack([slab_row(x) for x in xs]))
+    pending = [(x.dtype, tuple(x.shape), SlabRow(block, i)) for i, x in enumerate(xs)]
+    pending.insert(3, (torch.int64, (5,), None))
+    pending.insert(7, (xs[0].dtype, tuple(xs[0].shape), Summarizer()(xs[0])))
+    stats = read(pending)
+    singles = [_from_vector(x.dtype, tuple(x.shape), v) for x, v in zip(xs, _decode_slab_rows(block, [x.numel() for x in xs]))]
+    assert stats[3].numel == 5 and not stats[3].is_floating
+    assert_matches(stats[7], xs[0])
+    batch = [s for i, s in enumerate(stats) if i not in (3, 7)]
+    for x, got, one in zip(xs, batch, singles):
+        assert_matches(got, x)
+        for field in dataclasses.fields(one):
+            a, b = getattr(got, field.name), getattr(one, field.name)
+            assert a == b or (a != a and b != b), (field.name, a, b)
 
 
 def test_a_row_with_no_finite_value_is_undefined_whatever_its_keys():

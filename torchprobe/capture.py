@@ -207,24 +207,18 @@ def risks(row: TensorStats, key: str) -> list[Risk]:
 
 
 class _Pending(tuple):
-    """One recorded tensor leaf awaiting the read: (call, leaf path, dtype, shape, summary),
-    a plain tuple to build (the hook makes one per tensor); the row's fields are read from it."""
+    """One recorded tensor leaf awaiting the read, a plain tuple (the hook makes one per tensor):
+    (dtype, shape, summary, key, module, call index, leaf path, module type)."""
 
     __slots__ = ()
-
-    @property
-    def key(self) -> str:
-        call = self[0]
-        key = call.name if call.index == 0 else str(CallKey(call.name, call.index))
-        return leaf_key(key, self[1])
-
-    module = property(lambda self: self[0].name)
-    call = property(lambda self: self[0].index)
-    module_type = property(lambda self: self[0].module_type)
-    leaf = property(itemgetter(1))
-    dtype = property(itemgetter(2))
-    shape = property(lambda self: tuple(self[3]))
-    vector = property(itemgetter(4))
+    dtype = property(itemgetter(0))
+    shape = property(itemgetter(1))
+    vector = property(itemgetter(2))
+    key = property(itemgetter(3))
+    module = property(itemgetter(4))
+    call = property(itemgetter(5))
+    leaf = property(itemgetter(6))
+    module_type = property(itemgetter(7))
 
 
 class Recording:
@@ -272,17 +266,20 @@ class Recording:
     def observe(self, call: Call, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         """The after-hook: summarize (and capture) every tensor leaf of one module call's output."""
         self._rows = None
+        name, index = call.name, call.index
+        key = name if index == 0 else call.key  # Call.key: the name alone for a first call
         if isinstance(output, Tensor):  # the common case: one tensor, no tree to walk
             vector, copy = self.summary(output)
-            self._pending.append(_Pending((call, "", output.dtype, output.shape, vector)))
+            self._pending.append(_Pending((output.dtype, output.shape, vector, key, name, index, "", call.module_type)))
             if copy is not None:
-                self._tensors[call.key] = copy
+                self._tensors[key] = copy
             return
         for path, t in named_leaves(output):
             vector, copy = self.summary(t)
-            self._pending.append(_Pending((call, path, t.dtype, t.shape, vector)))
+            leaf = leaf_key(key, path)
+            self._pending.append(_Pending((t.dtype, t.shape, vector, leaf, name, index, path, call.module_type)))
             if copy is not None:
-                self._tensors[leaf_key(call.key, path)] = copy
+                self._tensors[leaf] = copy
 
     # -- query side ------------------------------------------------------------------------
     @property
