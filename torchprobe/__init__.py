@@ -25,7 +25,7 @@ from .localize.margin import Margin, Margins, margin
 from .weights import WeightReport, check_weights
 from .monitor import (HeadroomTrendWarning, HeadroomWarning, LowHeadroomWarning, LowMarginWarning, MarginTrendWarning,
                       MarginWarning, Monitor, MonitorHistory)
-from . import targets
+from . import distributed, targets
 from .stats import TensorStats
 from .targets import PrecisionPlan, Target, parse_target
 from .targets.plan import keep_fp32
@@ -43,7 +43,7 @@ __all__ = [
     "export_onnx", "onnx_names",
     "measure", "ErrorMetrics", "Metric", "get_metric",
     "ErrorKind", "Reason", "Risk",
-    "PrecisionPlan", "Target", "parse_target", "targets", "keep_fp32",
+    "PrecisionPlan", "Target", "parse_target", "targets", "keep_fp32", "distributed",
     "TorchprobeError", "InvalidArgument", "UnsupportedTarget", "DumpError", "NonFiniteReference",
     "__version__",
 ]

@@ -20,13 +20,14 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from . import distributed as _distributed
 from . import stats as _stats
 from .io.dumps import save_dump
 from .errors import InvalidArgument
 from .formats import HEAVY_UNDERFLOW, LOW_HEADROOM_BITS
 from .kinds import Risk as RiskKind
 from .names import ROOT, CallKey, Patterns, has_forward, module_names, name_filter
-from .stats import Summarizer, TensorStats
+from .stats import TensorStats
 from .targets import build
 from .tree import as_call, leaf_key, map_tensors, named_leaves, replay_copy
 
@@ -229,7 +230,9 @@ class Recording:
         self._keep = keep
         self.capture = capture
         self.offload = offload
-        self._summarize = Summarizer(fused)
+        self._summarize = _distributed.summarizer(fused)  # a Summarizer; DTensor-aware under torch.distributed
+        self.group: Any = None  # the process group rows are merged over (record(group=...)); None: this process
+        self._run: int | None = None  # the merge's run token, shared by the per-rank dumps of one recording
         self._pending: list[_Pending] = []
         self._rows: list[Row] | None = None
         self._tensors: dict[str, Tensor] = {}
@@ -284,9 +287,18 @@ class Recording:
     # -- query side ------------------------------------------------------------------------
     @property
     def rows(self) -> list[Row]:
-        """One row per tensor leaf per module call, in the order the modules returned."""
+        """One row per tensor leaf per module call, in the order the modules returned.
+
+        With a process group (``record(group=...)`` under torch.distributed) the rows are merged
+        when the block exits; reading them earlier, inside the block, is a collective: every rank
+        of the group must read at the same point."""
         if self._rows is None:
-            read = _stats.read([(p.dtype, p.shape, p.vector) for p in self._pending])
+            entries = [(p.dtype, p.shape, p.vector) for p in self._pending]
+            if self.group is not None:  # collective: every rank of the group reads here
+                read, self._run = _distributed.merged_stats(entries, [p.key for p in self._pending], self.group,
+                                                            getattr(self._summarize, "layout", None))
+            else:
+                read = _stats.read(entries)
             self._rows = [
                 Row(**vars(s), key=p.key, module=p.module, call=p.call, leaf=p.leaf, module_type=p.module_type)
                 for p, s in zip(self._pending, read)
@@ -323,9 +335,19 @@ class Recording:
         return [risk for row in self.rows for risk in risks(row, row.key)]
 
     def save(self, path: str | Path, target: str = "fp32") -> Path:
-        """Write the captured tensors to a safetensors dump (atomically)."""
+        """Write the captured tensors to a safetensors dump (atomically).
+
+        Under torch.distributed (``record(group=...)``) every rank of the group must call it: each
+        writes its own values to ``<name>.rank<r>.safetensors`` with its rank, the world size and
+        the run in the metadata, and returns that path; ``tp.compare`` merges the set."""
         tensors = self.tensors
-        return save_dump(path, tensors, target=target, order=[r.key for r in self.rows if r.key in tensors])
+        order = [r.key for r in self.rows if r.key in tensors]
+        if self.group is None:
+            return save_dump(path, tensors, target=target, order=order)
+        local, layout = _distributed.local_tensors({k: tensors[k] for k in order}, self.group)
+        r, world = _distributed.rank(self.group), _distributed.world_size(self.group)
+        return save_dump(_distributed.rank_path(path, r), local, target=target, order=order,
+                         ranks={"rank": r, "world_size": world, "run": f"{self._run:x}", **layout})
 
     def __str__(self) -> str:
         from .render.text import recording_table
@@ -341,6 +363,7 @@ def record(
     capture: bool = False,
     offload: bool = False,
     fused: bool | None = None,
+    group: Any = None,
 ) -> Iterator[Recording]:
     """Record per-module output statistics (and tensors, with ``capture=True``) around any code
     that calls ``model``: inference, a training step, under autocast or not.
@@ -349,11 +372,26 @@ def record(
     ``offload=True`` moves captured tensors to host memory as they are produced. ``fused``
     chooses the one-kernel statistics reduction (default: on CUDA). Every hook is removed on exit,
     also when the body raises; the model is never modified.
+
+    Under torch.distributed, ``rec.rows`` are statistics of the whole logical tensor across the
+    ranks of ``group`` (default: the world; ``False``: this rank only), merged once when the
+    block exits (:mod:`torchprobe.distributed`): every rank must run the block, with the same
+    modules in the same order. Plain tensors count as each rank's own data (DDP, FSDP2), DTensors
+    by their placements. ``shape`` is the logical shape of a DTensor, this rank's of a plain
+    tensor; ``numel`` counts the group.
     """
     if not isinstance(model, nn.Module):
         raise InvalidArgument(f"record(model=...) takes an nn.Module; got {type(model).__name__}")
+    group = _distributed.resolve_group(group)
     with recording(model, name_filter(include, exclude), capture=capture, offload=offload, fused=fused) as rec:
-        yield rec
+        rec.group = group
+        try:
+            yield rec
+        except BaseException:
+            rec.group = None  # a rank that failed cannot meet the others in a collective: local rows
+            raise
+    if group is not None:
+        _ = rec.rows  # the one merge, at the same point on every rank
 
 
 @contextlib.contextmanager
@@ -398,7 +436,7 @@ def dump(model: nn.Module, inputs: Any, path: str | Path, target: str = "fp32", 
         >>> print(tp.compare("fp32.safetensors", "strict.safetensors"))
     """
     args, kwargs = as_call(inputs)
-    runner = build(target, model, args, kwargs)
+    runner = build(target, _distributed.copyable(model), args, kwargs)
     with torch.no_grad(), record(runner.module, include=include, exclude=exclude, capture=True, offload=True) as rec:
         runner(*args, **kwargs)
     return rec.save(path, target=str(runner.target) if not runner.target.is_reference else str(target))

@@ -42,6 +42,8 @@ import json
 import logging
 import math
 import os
+import re
+from pathlib import Path
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Iterator, Mapping
@@ -49,11 +51,12 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import Tensor
 
+from .distributed import merge_error_vectors
 from .errors import InvalidArgument
 from .io.dumps import Dump, PathLike, _few, load_dump
 from .io.engine_outputs import link_engine
 from .io.jsonable import json_float
-from .metrics import ErrorMetrics, get_metric, measure
+from .metrics import ErrorMetrics, error_vector, from_vector, get_metric, measure
 
 __all__ = ["DumpComparison", "TensorComparison", "compare"]
 
@@ -216,7 +219,8 @@ def compare(
     mapping: Mapping[str, str] | PathLike | None = None,
     onnx: PathLike | None = None,
     runner: str | None = None,
-) -> DumpComparison:
+    by_rank: bool = False,
+) -> DumpComparison | tuple[DumpComparison, ...]:
     """Compare dump ``b`` (under test) with dump ``a`` (the reference), key by key.
 
     ``a`` and ``b`` are paths or :class:`Dump` objects. Neither needs torchprobe metadata (``b``
@@ -237,6 +241,14 @@ def compare(
     FP16 against FP32 is a normal comparison; a shape mismatch, or dtypes of different kinds
     (bool, integer, floating, complex), is reported as a failing row without metrics.
 
+    Per-rank dumps of a distributed recording (``name.rank<r>.safetensors``, see
+    ``rec.save``): ``a`` and ``b`` may each be a list of the rank files of one run, or the name
+    without the rank (``"fp32.safetensors"`` finds ``fp32.rank*.safetensors``). Both sets must
+    have the same world size; rank r of a is compared with rank r of b, and each row merges the
+    ranks' error sums (values a lower rank also holds counted once), so it measures the whole
+    logical tensor. ``by_rank=True`` returns one comparison per rank instead. A set that mixes
+    runs, world sizes or repeats a rank is refused, naming the files.
+
     Example::
 
         cmp = torchprobe.compare("fp32.safetensors", "engine.safetensors",
@@ -251,6 +263,14 @@ def compare(
             f"metric={metric!r} is registered but not measured by compare; valid: "
             f"{', '.join(ErrorMetrics.__dataclass_fields__)}"
         )
+    set_a, set_b = _rank_set(a, "a"), _rank_set(b, "b")
+    if set_a is not None or set_b is not None:
+        if onnx is not None or runner is not None:
+            raise InvalidArgument("onnx=/runner= compare one engine's outputs; they do not take per-rank dump sets")
+        return _compare_ranks(set_a, set_b, a, b, float(tol), metric, mapping, by_rank)
+    if by_rank:
+        raise InvalidArgument("by_rank=True compares sets of per-rank dumps (name.rank<r>.safetensors); "
+                              f"a={_label(a)} and b={_label(b)} are single dumps")
     dump_a = _as_dump(a, "a")
     link = None
     if onnx is not None:  # b holds an engine's tensors keyed by ONNX name (torchprobe.io)
@@ -299,6 +319,137 @@ def compare(
     )
     logger.debug("%r", result)
     return result
+
+
+_RANK_FILE = re.compile(r"^(?P<stem>.*)\.rank(?P<rank>\d+)(?P<suffix>\.[^.]*)?$")
+
+
+def _label(value: Any) -> str:
+    return value.label if isinstance(value, Dump) else repr(os.fspath(value)) if isinstance(value, (str, os.PathLike)) else repr(value)
+
+
+def _rank_set(value: Any, name: str) -> list[Dump] | None:
+    """The rank dumps of one run, in rank order, when ``value`` names a set: a list/tuple of
+    dumps, or a path that does not exist beside ``<stem>.rank<r><suffix>`` files. None otherwise."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise InvalidArgument(f"{name}=[] names no dump; give the rank files of one run")
+        dumps = [_as_dump(v, f"{name}[{i}]") for i, v in enumerate(value)]
+    elif isinstance(value, (str, os.PathLike)) and not Path(os.fspath(value)).exists():
+        p = Path(os.fspath(value))
+        stem, suffix = (p.name[: -len(p.suffix)], p.suffix) if p.suffix else (p.name, "")
+        found = sorted(f for f in p.parent.glob(f"{_glob_escape(stem)}.rank*{suffix}")
+                       if (m := _RANK_FILE.match(f.name)) and m["stem"] == stem and (m["suffix"] or "") == suffix)
+        if not found:
+            return None  # load_dump names the missing file
+        dumps = [load_dump(f, require_torchprobe=False) for f in found]
+    else:
+        return None
+    return _check_rank_set(dumps, name)
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def _check_rank_set(dumps: list[Dump], name: str) -> list[Dump]:
+    labels = ", ".join(d.label for d in dumps)
+    plain = [d.label for d in dumps if d.rank is None]
+    if plain:
+        raise InvalidArgument(f"{name}: {', '.join(plain)} {'is' if len(plain) == 1 else 'are'} not a per-rank dump "
+                              "(no rank metadata); a set takes the rank files rec.save/tp.dump wrote under torch.distributed")
+    runs = sorted({str(d.run) for d in dumps})
+    if len(runs) > 1:
+        by_run = "; ".join(f"run {r}: " + ", ".join(d.label for d in dumps if str(d.run) == r) for r in runs)
+        raise InvalidArgument(f"{name}: the rank files come from {len(runs)} different recordings ({by_run}); "
+                              "a set takes the files of one run only")
+    worlds = sorted({d.world_size for d in dumps})
+    if len(worlds) > 1:
+        raise InvalidArgument(f"{name}: the rank files disagree on the world size ({worlds}): {labels}")
+    world = worlds[0]
+    ranks = sorted(d.rank for d in dumps)
+    if ranks != list(range(world)):
+        repeated = sorted({r for r in ranks if ranks.count(r) > 1})
+        absent = [r for r in range(world) if r not in ranks]
+        problem = "; ".join(p for p in (f"rank {', '.join(map(str, repeated))} repeated" if repeated else "",
+                                        f"rank {', '.join(map(str, absent))} missing" if absent else "") if p)
+        raise InvalidArgument(f"{name}: a run of world size {world} needs one file per rank 0..{world - 1} ({problem}): {labels}")
+    dumps = sorted(dumps, key=lambda d: d.rank)
+    for d in dumps[1:]:
+        if d.order != dumps[0].order:
+            raise InvalidArgument(f"{name}: {d.label} holds other keys than {dumps[0].label} (rank 0); "
+                                  "the ranks of one run record the same modules")
+    return dumps
+
+
+def _set_label(dumps: list[Dump]) -> str:
+    first = dumps[0]
+    if first.path is None:
+        return f"<{len(dumps)} rank dumps>"
+    m = _RANK_FILE.match(first.path.name)
+    stem, suffix = (m["stem"], m["suffix"] or "") if m else (first.path.stem, first.path.suffix)
+    return str(first.path.with_name(f"{stem}.rank{{0..{len(dumps) - 1}}}{suffix}"))
+
+
+def _compare_ranks(set_a: list[Dump] | None, set_b: list[Dump] | None, a: Any, b: Any, tol: float, metric: str,
+                   mapping: Any, by_rank: bool) -> DumpComparison | tuple[DumpComparison, ...]:
+    if set_a is None or set_b is None:
+        single, which = (a, "a") if set_a is None else (b, "b")
+        raise InvalidArgument(f"{which}={_label(single)} is one dump but the other side is a set of per-rank dumps; "
+                              "compare a set with a set of the same world size (rank r against rank r)")
+    if len(set_a) != len(set_b):
+        raise InvalidArgument(f"a has {len(set_a)} ranks ({_set_label(set_a)}) and b has {len(set_b)} ({_set_label(set_b)}); "
+                              "rank r is compared with rank r: record both with the same world size")
+    if by_rank:
+        return tuple(compare(x, y, tol=tol, metric=metric, mapping=mapping) for x, y in zip(set_a, set_b))
+    first_a, first_b = set_a[0], set_b[0]
+    renames = _load_mapping(mapping, first_a)
+    rows: list[TensorComparison] = []
+    missing: list[str] = []
+    matched: set[str] = set()
+    for key in first_a.order:
+        key_b = renames.get(key, key)
+        if key_b not in first_b:
+            missing.append(key)
+            continue
+        matched.add(key_b)
+        rows.append(_compare_merged(set_a, set_b, key, key_b, metric, tol))
+    return DumpComparison(
+        rows=tuple(rows),
+        missing=tuple(missing),
+        extra=tuple(k for k in first_b.order if k not in matched),
+        metric=metric,
+        tol=tol,
+        a=_set_label(set_a),
+        b=_set_label(set_b),
+        target_a=first_a.target,
+        target_b=first_b.target,
+        mapping=MappingProxyType({k: v for k, v in renames.items() if k != v}),
+    )
+
+
+def _compare_merged(set_a: list[Dump], set_b: list[Dump], key: str, key_b: str, metric: str, tol: float) -> TensorComparison:
+    """One key over every rank pair: the ranks' error vectors merged (replicas counted once)."""
+    vectors = []
+    for r, (da, db) in enumerate(zip(set_a, set_b)):
+        ia, ib = da.info(key), db.info(key_b)
+        if ia.shape != ib.shape or _kind(ia.dtype) != _kind(ib.dtype):  # named without reading values
+            row = _compare_one(da, db, key, key_b, metric, tol)
+            return replace(row, problem=f"rank {r}: {row.problem}")
+        if key not in da.layout.get("replicas", ()):
+            vectors.append(error_vector(_measurable(da[key]), _measurable(db[key_b])).tolist())
+    metrics = from_vector(merge_error_vectors(vectors))
+    info_a, info_b = set_a[0].info(key), set_b[0].info(key_b)
+    shape_a = tuple(set_a[0].layout.get("global_shapes", {}).get(key, info_a.shape))
+    shape_b = tuple(set_b[0].layout.get("global_shapes", {}).get(key_b, info_b.shape))
+    problem = None
+    if metrics.nonfinite_mismatch:
+        problem = f"{int(metrics.nonfinite_mismatch)} NaN/Inf positions differ"
+    elif metrics.nonfinite_both:
+        problem = f"{int(metrics.nonfinite_both)} NaN/Inf in both (undefined error)"
+    passed = get_metric(metric).passes(metrics[metric], tol) and metrics.finite
+    return TensorComparison(key, shape_a, shape_b, info_a.dtype, info_b.dtype, metrics, passed, problem,
+                            key_b if key_b != key else None)
 
 
 def _as_dump(value: Any, name: str) -> Dump:

@@ -33,7 +33,13 @@ VECTOR_LEN = 8  # max_abs, |t-r|^2, |r|^2, <r,t>, |t|^2, non-finite mismatches, 
 
 
 def error_vector(ref: Tensor, test: Tensor) -> Tensor:
-    """Float64 reduction of (ref, test) on ref's device; read with :func:`from_vector`."""
+    """Float64 reduction of (ref, test) on ref's device; read with :func:`from_vector`.
+
+    Tensor subclasses (DTensor) are reduced over this rank's values (:mod:`torchprobe.distributed`)."""
+    if type(ref) is not Tensor or type(test) is not Tensor:
+        from .distributed import local_pair  # only for subclasses: DTensor and co.
+
+        ref, test = local_pair(ref, test)
     if ref.shape != test.shape:
         raise InvalidArgument(f"shape mismatch: reference {tuple(ref.shape)} vs test {tuple(test.shape)}")
     r = ref.detach().to(torch.float64)

@@ -73,6 +73,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import distributed as _distributed
 from .io.atomic import write_text
 from .capture import Call, module_calls
 from .errors import InvalidArgument, UnsupportedTarget
@@ -491,7 +492,14 @@ class Monitor:
         margin_modules: int = 3,
         min_margin: float = DEFAULT_MIN_FACTOR,
         margin_tol: float | None = None,
+        group: Any = None,
+        rank: int | None = 0,
     ) -> None:
+        # torch.distributed: each sample is merged over ``group`` (default: the world; False: this
+        # rank) when it is finalized, at step()/close(), which every rank must call alike; warnings
+        # and save() happen on rank ``rank`` only (None: every rank).
+        self._group = _distributed.resolve_group(group)
+        self._writer = _distributed.is_writer(rank, self._group)
         if not isinstance(model, nn.Module):
             raise InvalidArgument(f"model= must be a torch.nn.Module; got {type(model).__name__}")
         _check_count("every", every, 1, "sample one step in every N")
@@ -608,6 +616,8 @@ class Monitor:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write ``history`` as JSON, atomically (a temporary file in the same folder, then replace)."""
+        if not self._writer:
+            return
         write_text(path, json.dumps(self.history.to_dict(), allow_nan=False, separators=(",", ":")) + "\n")
 
     @staticmethod
@@ -661,6 +671,8 @@ class Monitor:
             for _, leaf in named_leaves(output):
                 if not _measurable(leaf):
                     continue
+                if type(leaf) is not Tensor:  # DTensor and co.: this rank's values (a DTensor's numel is global)
+                    leaf = _distributed.local_view(leaf)[0]
                 sampling.pending.append(_Pending(index, False, leaf.dtype, tuple(leaf.shape), summarize(leaf), None))
                 if grads and leaf.requires_grad:
                     sampling.hooks.enter_context(leaf.register_hook(self._grad_hook(index, sampling)))
@@ -725,6 +737,8 @@ class Monitor:
             sampling.open = False
             self._sampling = None
             sampling.hooks.close()
+        if self._group is not None:
+            sampling.host = _distributed.merge_monitor(sampling.host, len(self._names), self._group, _Acc, _GradAcc)
         for index, acc in sampling.host.items():
             self._samples[index].append(_sample(sampling.step, acc))
         measured = self._record_margins(sampling)
@@ -838,7 +852,8 @@ class Monitor:
         if (name, category.kind) in self._warned:
             return
         self._warned.add((name, category.kind))
-        warnings.warn(category(message, **attrs), stacklevel=stacklevel + 1)
+        if self._writer:
+            warnings.warn(category(message, **attrs), stacklevel=stacklevel + 1)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from .io.atomic import write_text
+from .distributed import is_writer
 from .capture import Row
 from .errors import DumpError
 from .io.jsonable import float_from_json, json_float
@@ -222,8 +223,11 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def to_json(self, path: str | Path) -> Path:
-        """Write the report as JSON (atomically); read it back with :meth:`from_json`."""
+    def to_json(self, path: str | Path, rank: int | None = 0) -> Path:
+        """Write the report as JSON (atomically); read it back with :meth:`from_json`. Under
+        torch.distributed only rank ``rank`` writes (None: every rank); the others return the path."""
+        if not is_writer(rank):
+            return Path(path)
         data = {"format": "torchprobe-report", "version": 2, **self.to_dict()}
         if self.margins is not None:
             data["margins"] = {t: {k: json_float(v) for k, v in m.items()} for t, m in self.margins.items()}
@@ -239,9 +243,12 @@ class Report:
             raise DumpError(f"{path}: not a torchprobe report (written by Report.to_json)")
         return _report_from_dict(data)
 
-    def to_html(self, path: str | Path) -> Path:
+    def to_html(self, path: str | Path, rank: int | None = 0) -> Path:
+        """Write the report as one HTML page (atomically); under torch.distributed on rank ``rank`` only."""
         from .render.html import write_report_html
 
+        if not is_writer(rank):
+            return Path(path)
         return write_report_html(self, path)
 
 

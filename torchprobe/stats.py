@@ -563,11 +563,14 @@ def _decode_slab_rows(rows: Tensor, numels: Sequence[int]) -> list[list[float]]:
     return _decode_slab_array(rows, numels).tolist()
 
 
-def to_host(vectors: Sequence[Tensor]) -> list[list[float]]:
-    """Small device vectors as host lists, with one stack-and-copy per device."""
+def to_host(vectors: Sequence[Tensor | list[float]]) -> list[list[float]]:
+    """Small device vectors as host lists, with one stack-and-copy per device (host lists as they are)."""
     out: list[list[float]] = [[] for _ in vectors]
     by_device: dict[torch.device, list[int]] = {}
     for i, v in enumerate(vectors):
+        if type(v) is list:  # a host summary (the CPU path) is already there
+            out[i] = v
+            continue
         by_device.setdefault(v.device, []).append(i)
     for idx in by_device.values():
         for i, row in zip(idx, torch.stack([vectors[i] for i in idx]).cpu().tolist()):

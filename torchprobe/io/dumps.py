@@ -8,6 +8,11 @@ tuple/dict output), ``head:logits``. Its safetensors metadata (all strings) says
     target="strict:fp16"      order='["stem", "blocks.0.attn", ...]' (keys in call order)
     extra='{...}'             (optional JSON)
 
+A dump of one rank under torch.distributed (``rec.save``/``tp.dump`` there write
+``name.rank<r>.safetensors`` per rank) also has ``rank``, ``world_size``, ``run`` (one id per
+recording, shared by its rank files) and ``layout`` (JSON: ``replicas``, the keys whose values
+a lower rank also holds, counted once when merged; ``global_shapes`` of DTensor outputs).
+
 The second dump of a comparison may come from another tool or machine (a TensorRT engine's
 outputs, a C++ runtime): any safetensors file works there, and ``mapping`` renames its keys.
 This module is the one place in torchprobe that imports safetensors.
@@ -71,12 +76,15 @@ def save_dump(
     target: str,
     order: Sequence[str] | None = None,
     extra: dict | None = None,
+    ranks: dict | None = None,
 ) -> Path:
     """Write ``tensors`` to ``path`` as a torchprobe dump; return the path written.
 
     Tensors are detached, copied to the CPU and made contiguous; the caller's tensors are not
     changed. ``order`` is the call order of the keys (default: the mapping's own order) and must
     name every key exactly once. ``extra`` is any JSON-serializable dict stored with the dump.
+    ``ranks`` (one rank's part of a distributed recording) is ``{"rank", "world_size", "run",
+    "replicas", "global_shapes"}``, stored as the ``rank``/``world_size``/``run``/``layout`` entries.
 
     The write is atomic: the file is written to a temporary file in the same directory, fsynced,
     and renamed over ``path``. On any failure, KeyboardInterrupt included, the temporary file is
@@ -89,6 +97,8 @@ def save_dump(
     checked = _check_tensors(tensors)
     keys = _check_order(order, checked)
     metadata = _metadata(target, keys, extra)
+    if ranks is not None:
+        metadata.update(_rank_metadata(ranks, keys))
 
     directory = path.parent
     if not directory.is_dir():
@@ -194,6 +204,18 @@ def _metadata(target: Any, keys: list[str], extra: dict | None) -> dict[str, str
         except (TypeError, ValueError) as e:
             raise InvalidArgument(f"extra must be JSON-serializable: {e}") from e
     return metadata
+
+
+def _rank_metadata(ranks: Any, keys: list[str]) -> dict[str, str]:
+    if not isinstance(ranks, dict) or not {"rank", "world_size", "run"} <= set(ranks):
+        raise InvalidArgument(f"ranks must be a dict with rank, world_size and run; got {ranks!r}")
+    r, world = ranks["rank"], ranks["world_size"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (r, world)) or not 0 <= r < world:
+        raise InvalidArgument(f"ranks: need 0 <= rank < world_size (integers); got rank={r!r}, world_size={world!r}")
+    known = set(keys)
+    layout = {"replicas": [k for k in ranks.get("replicas", ()) if k in known],
+              "global_shapes": {k: list(v) for k, v in dict(ranks.get("global_shapes", {})).items() if k in known}}
+    return {"rank": str(r), "world_size": str(world), "run": str(ranks["run"]), "layout": json.dumps(layout)}
 
 
 def _torchprobe_version() -> str:
@@ -353,6 +375,28 @@ class Dump:
         return self.metadata.get("target")
 
     @property
+    def rank(self) -> int | None:
+        """The rank that wrote this dump (a distributed recording), else None."""
+        value = self.metadata.get("rank")
+        return None if value is None else int(value)
+
+    @property
+    def world_size(self) -> int | None:
+        value = self.metadata.get("world_size")
+        return None if value is None else int(value)
+
+    @property
+    def run(self) -> str | None:
+        """The id shared by the rank dumps of one recording."""
+        return self.metadata.get("run")
+
+    @property
+    def layout(self) -> dict:
+        """``{"replicas": [...], "global_shapes": {...}}`` of a rank dump (empty otherwise)."""
+        raw = self.metadata.get("layout")
+        return {"replicas": [], "global_shapes": {}} if raw is None else json.loads(raw)
+
+    @property
     def is_torchprobe(self) -> bool:
         return self.metadata.get("format") == FORMAT
 
@@ -467,6 +511,10 @@ def _read_torchprobe_metadata(metadata: Mapping[str, str], keys: list[str]) -> t
             json.loads(metadata["extra"])
         except ValueError as e:
             return f"has unreadable 'extra' metadata ({e}); write the dump again", []
+    if "rank" in metadata or "world_size" in metadata:
+        problem = _rank_problem(metadata)
+        if problem is not None:
+            return problem, []
     raw = metadata.get("order")
     if raw is None:
         return None, _natural_order(keys)
@@ -486,6 +534,17 @@ def _read_torchprobe_metadata(metadata: Mapping[str, str], keys: list[str]) -> t
             [],
         )
     return None, order
+
+
+def _rank_problem(metadata: Mapping[str, str]) -> str | None:
+    try:
+        r, world = int(metadata["rank"]), int(metadata["world_size"])
+        layout = json.loads(metadata.get("layout", "{}"))
+    except (KeyError, ValueError) as e:
+        return f"has unreadable rank metadata ({e}); write the dump again"
+    if not 0 <= r < world or not isinstance(layout, dict):
+        return f"has rank metadata out of range (rank {r}, world_size {world}); write the dump again"
+    return None
 
 
 def _natural_order(keys: Sequence[str]) -> list[str]:

@@ -11,18 +11,21 @@ a time. Shadow runs of nested containers re-run their subtree, so the reference 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
+from .. import distributed as _distributed
 from ..errors import InvalidArgument, TorchprobeError
 from ..kinds import ErrorKind
 from ..metrics import all_pass, get_metric, resolve_tol, worst_of
 from ..names import ROOT, Patterns, leaf_names, name_filter
-from ..progress import progress
-from ..results import Report, TargetOutcome
+from ..progress import progress, quiet
+from ..results import InputStats, Report, TargetOutcome
 from ..targets import parse_target
 from ..tree import as_call, named_leaves
 from .culprits import find_findings, reference_origin
@@ -62,6 +65,36 @@ def floating_output_check(output: Any, caller: str) -> None:
                               f"outputs (got {', '.join(kinds)}): return the logits or activations to check")
 
 
+def _quiet_unless_writer(rank: int | None, group: Any):
+    return quiet() if group is not None and not _distributed.is_writer(rank, group) else contextlib.nullcontext()
+
+
+def _merge_ranks(session: Session, rec: Any, errors: list, metric: Any, group: Any) -> tuple[list, list]:
+    """Merge one report's per-rank measurements over ``group``: reference rows and input
+    statistics of the whole logical tensors, each error the worst over the ranks, failures
+    united (``session.failures`` and ``session.shadow_failures`` are updated)."""
+    rec.group = group  # rec.rows now merge across the ranks
+    entries = [(d, s, v) for _, d, s, v in session.inputs]
+    merged, _ = _distributed.merged_stats(entries, [k for k, _, _, _ in session.inputs], group,
+                                          getattr(rec._summarize, "layout", None), "report() inputs")
+    inputs = [InputStats(key, s) for (key, _, _, _), s in zip(session.inputs, merged)]
+
+    def badness(e: Any) -> tuple:
+        if e.metrics is None:
+            return (1, math.inf)
+        return (0 if e.metrics.finite else 1, metric.badness(e.metrics[metric.name]))
+
+    errors = _distributed.merge_items(errors, lambda e: (e.key, e.target, e.kind.value), badness, group, "report()")
+    session.failures = _distributed.merge_failures(session.failures, group)
+    shadows = _distributed.gather_objects(session.shadow_failures, group)
+    united = {}
+    for lst in shadows:
+        for f in lst:
+            united.setdefault((f.target, f.call.key), f)
+    session.shadow_failures = list(united.values())
+    return errors, inputs
+
+
 def report(
     model: nn.Module,
     inputs: Any,
@@ -73,6 +106,8 @@ def report(
     local: bool = True,
     offload: bool = False,
     margins: bool = False,
+    group: Any = None,
+    rank: int | None = 0,
 ) -> Report:
     """Find where and why ``model``'s output diverges under each target.
 
@@ -85,12 +120,19 @@ def report(
     each target (how much its inputs may grow before it breaks): a column in the table, a line in
     the HTML headroom plot, ``rep.margins[target][module]``.
 
+    Under torch.distributed every rank of ``group`` (default: the world; ``False``: this rank
+    alone) calls it with its own inputs and runs its own copies; statistics are merged across
+    the ranks, each error is the worst over the ranks, so verdicts and culprits are global and
+    the same on every rank. Progress bars show on rank ``rank`` only (None: every rank).
+
         >>> rep = tp.report(model, x, targets=("eager:fp16", "strict-onnx:fp16"))
         >>> print(rep)                      # verdict per target, culprits, latent findings, table
         >>> rep.culprits[0].module, rep.culprits[0].reason
         ('encoder.layers.1.norm2', <Reason.OVERFLOW: 'overflow'>)
     """
     m = get_metric(metric)
+    group = _distributed.resolve_group(group)
+    model = _distributed.copyable(model)  # FSDP2: a view whose copies stay sharded
     args, kwargs = as_call(inputs)
     check_inputs(model, args, kwargs, "report")
     ref_target = parse_target(reference)
@@ -103,7 +145,7 @@ def report(
         raise InvalidArgument("targets= is empty; give at least one, e.g. ('strict:fp16',)")
     tols = {str(t): resolve_tol(tol, t, m, targets=[str(p) for p in parsed]) for t in parsed}
     session = Session(model, args, kwargs, ref_target, parsed, module_filter(model, modules), local, offload)
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_unless_writer(rank, group):
         session.prepare()
         steps = progress([None, *session.runners], desc="report passes")
         for name in steps:
@@ -114,6 +156,8 @@ def report(
             else:
                 session.propagated_pass(name, session.runners[name], reference_tensors)
     errors, input_stats = session.read()
+    if group is not None:  # the merge step: the same rows, errors and failures on every rank
+        errors, input_stats = _merge_ranks(session, rec, errors, m, group)
     rows = tuple(rec.rows)
     ref_name = "fp32" if ref_target.dtype == torch.float32 else str(ref_target).split(":")[-1]
     root_rows = [r for r in rows if r.module == ROOT and r.call == 0 and r.is_floating]
@@ -153,6 +197,9 @@ def report(
             if session.failures.get(str(target)) is None:
                 mg = margin(model, inputs, target, tol=tols[str(target)], metric=m.name, reference=reference)
                 measured[str(target)] = {row.module: row.factor for row in mg.rows}
+        if group is not None:  # the weakest over the ranks, the same on every rank
+            every = _distributed.gather_objects(measured, group)
+            measured = {t: {k: min(d.get(t, {}).get(k, math.inf) for d in every) for k in f} for t, f in measured.items()}
     return Report(
         model=type(model).__name__,
         reference=ref_name,

@@ -68,6 +68,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import distributed as _distributed
 from .. import stats as _stats
 from ..io.atomic import write_text
 from ..capture import Call, module_calls
@@ -621,6 +622,7 @@ def margins_of(
     """:func:`margin` for a call given as positional and keyword arguments (Monitor's form)."""
     if not isinstance(model, nn.Module):
         raise InvalidArgument(f"margin(model=...) takes an nn.Module; got {type(model).__name__}")
+    model = _distributed.copyable(model)  # FSDP2: a view whose copies stay sharded
     get_metric(metric)
     parsed = parse_target(target)
     if parsed.is_reference:

@@ -163,10 +163,13 @@ def module_table(rep) -> str:
         if call not in seen:
             seen.add(call)
             calls.append((call, r))
-    headers = ["module call", "type", "ref absmax", "headroom"]
     margins = rep.margins or {}
+    labels = {t: t for t in rep.targets}
+    if 70 + sum(max(len(t), 8) + 2 for t in rep.targets) * 2 > max(_terminal_width(), 140):  # T1, T2 ... and a legend
+        labels = {t: f"T{i}" for i, t in enumerate(rep.targets, 1)}
+    headers = ["module call", "type", "ref absmax", "headroom"]
     for t in rep.targets:
-        headers += [f"{t}\nlocal", f"{t}\nprop."] + ([f"{t}\nmargin"] if t in margins else [])
+        headers += [f"{labels[t]}\nlocal", f"{labels[t]}\nprop."] + ([f"{labels[t]}\nmargin"] if t in margins else [])
     marked = {c.key: "*" for c in rep.culprits} | {c.key: "°" for c in rep.latent if c.key not in {x.key for x in rep.culprits}}
     rows, flags = [], []
     for call, r in calls:
@@ -181,7 +184,7 @@ def module_table(rep) -> str:
         rows.append(row)
         flags.append(call in marked)
     _fit_names(rows, headers)
-    legend = []
+    legend = [f"{label} {t}" for t, label in labels.items() if label != t]
     if any(v == "*" for v in marked.values()):
         legend.append("* culprit")
     if any(v == "°" for v in marked.values()):
@@ -189,9 +192,13 @@ def module_table(rep) -> str:
     return tabulate(trim(rows, flags), headers=headers, disable_numparse=True) + (f"\n({', '.join(legend)})" if legend else "")
 
 
+def _terminal_width() -> int:
+    return max(shutil.get_terminal_size((100, 24)).columns, 100)
+
+
 def _fit_names(rows: list[list[str]], headers: list[str]) -> None:
     """Shorten the first column (in the middle) so the table fits the terminal (at least 100 columns)."""
-    width = max(shutil.get_terminal_size((100, 24)).columns, 100)
+    width = _terminal_width()
     others = sum(max([len(line) for h in [headers[i]] for line in h.split("\n")] + [len(r[i]) for r in rows]) + 2
                  for i in range(1, len(headers)))
     room = max(24, min(NAME_WIDTH + 16, width - others - 2))

@@ -17,11 +17,12 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
+from .. import distributed as _distributed
 from ..capture import recording
 from ..errors import NonFiniteReference
 from ..formats import AUTOCAST_RULE_THRESHOLD
 from ..kinds import FixOutcome
-from ..localize import check_inputs
+from ..localize import _quiet_unless_writer, check_inputs
 from ..metrics import Metric, all_pass, get_metric, measure, resolve_tol
 from ..names import ROOT, leaf_names, module_names
 from ..progress import progress
@@ -38,9 +39,11 @@ log = logging.getLogger(__name__)
 class Evaluator:
     """Full-model evaluations of keep-FP32 sets, cached, logged and counted."""
 
-    def __init__(self, model: nn.Module, args: tuple, kwargs: dict, target: Target, metric: Metric, tol: float, reference: Any):
+    def __init__(self, model: nn.Module, args: tuple, kwargs: dict, target: Target, metric: Metric, tol: float, reference: Any,
+                 group: Any = None):
         self.model, self.args, self.kwargs = model, args, kwargs
         self.target, self.metric, self.tol, self.reference = target, metric, tol, reference
+        self.group = group  # torch.distributed: every evaluation is the worst over the ranks
         self.results: dict[frozenset, SearchStep] = {}
         self.log: list[SearchStep] = []
 
@@ -64,6 +67,9 @@ class Evaluator:
             error = self.metric.worst(e[self.metric.name] for e in metrics)
             ok = all_pass(self.metric, metrics, self.tol)
         step = SearchStep(tuple(sorted(keep)), error, ok, note, failure)
+        if self.group is not None:
+            step = _distributed.merge_items([step], lambda s: s.keep_fp32, lambda s: (not s.passed, self.metric.badness(s.error)),
+                                            self.group, "bisect()")[0]
         if count:
             self.results[keep] = step
             self.log.append(step)
@@ -78,11 +84,16 @@ def bisect(
     metric: str = "rel_l2",
     candidates: Sequence[str] | None = None,
     reference: str = "fp32",
+    group: Any = None,
+    rank: int | None = 0,
 ) -> Fix:
     """Find a small set of modules that, kept in FP32, brings the final output within ``tol``.
 
     The returned Fix is always measured end to end with the plan applied; when no candidate set
     meets ``tol``, or the reference itself is not finite, it says so (``bool(fix)`` is False).
+    Under torch.distributed every rank of ``group`` (default: the world) runs it on its own
+    inputs; each evaluation passes only when it passes on every rank, so the search takes the
+    same steps everywhere and every rank returns the same Fix (progress bars on rank ``rank``).
 
         >>> fix = tp.bisect(model, x, target="strict-onnx:fp16", tol=1e-2)
         >>> fix.keep_fp32, fix.error_before, fix.error_after, fix.evaluations
@@ -91,17 +102,19 @@ def bisect(
     m = get_metric(metric)
     parsed = parse_target(target)
     t_tol = resolve_tol(tol, parsed, m)
+    group = _distributed.resolve_group(group)
+    model = _distributed.copyable(model)  # FSDP2: a view whose copies stay sharded
     args, kwargs = as_call(inputs)
     check_inputs(model, args, kwargs, "bisect")
     if candidates is not None:
         PrecisionPlan(parsed.dtype, frozenset(candidates)).check(model)
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_unless_writer(rank, group):
         ref = build(reference, model, args, kwargs)
         a, k = replay_copy((args, kwargs))
         ref_out = ref(*a, **k)
-        evaluate = Evaluator(model, args, kwargs, parsed, m, t_tol, ref_out)
+        evaluate = Evaluator(model, args, kwargs, parsed, m, t_tol, ref_out, group)
         try:
-            require_finite(ref_out, str(ref.target))
+            require_finite(ref_out, str(reference), group)
         except NonFiniteReference as e:
             return Fix(target=str(parsed), metric=m.name, tol=t_tol, keep_fp32=(), error_before=math.nan,
                        error_after=math.nan, evaluations=0, compilations=0, candidates=(), log=(), verified=False,
@@ -109,13 +122,14 @@ def bisect(
         before = evaluate((), "nothing kept")
         compilations = 0
         if candidates is None:
-            table = isolate(model, inputs, str(parsed), tol=t_tol, metric=m.name, reference=reference)
+            table = isolate(model, inputs, str(parsed), tol=t_tol, metric=m.name, reference=reference,
+                            group=False if group is None else group, rank=rank)
             compilations = table.compilations
             stages = [("culprits", [r.module for r in table.culprits]),
                       ("above tol", [r.module for r in table.above_tol() if r.module != ROOT])]
         else:
             stages = [("given", list(candidates))]
-        rule = _rule_comparison(ref, args, kwargs, evaluate)
+        rule = _rule_comparison(ref, args, kwargs, evaluate, group)
 
         def fix(keep: tuple, after: SearchStep, cands: tuple, verified: bool, outcome: FixOutcome, detail: str = "") -> Fix:
             return Fix(target=str(parsed), metric=m.name, tol=t_tol, keep_fp32=keep, error_before=before.error,
@@ -156,7 +170,7 @@ def _call_order(model: nn.Module, names: list[str]) -> tuple[str, ...]:
     return tuple(sorted(names, key=lambda n: order.get(n, len(order))))
 
 
-def _rule_comparison(ref: Runner, args: tuple, kwargs: dict, evaluate: Evaluator) -> RuleComparison:
+def _rule_comparison(ref: Runner, args: tuple, kwargs: dict, evaluate: Evaluator, group: Any = None) -> RuleComparison:
     """Leaves whose FP32 input or output absmax exceeds 512, as rule-based autocast keeps them."""
     leaves = set(leaf_names(ref.module))
     summaries: list[tuple[str, Any]] = []
@@ -175,6 +189,8 @@ def _rule_comparison(ref: Runner, args: tuple, kwargs: dict, evaluate: Evaluator
     for r in rec.rows:
         if r.is_floating and r.absmax is not None:
             absmax[r.module] = max(absmax.get(r.module, 0.0), r.absmax)
+    if group is not None:  # the largest over the ranks: every rank keeps the same modules
+        absmax = _distributed.all_max(absmax, group)
     kept = sorted(n for n, v in absmax.items() if v > AUTOCAST_RULE_THRESHOLD)
     step = evaluate(kept, "512 rule", count=False)
     return RuleComparison(AUTOCAST_RULE_THRESHOLD, tuple(kept), step.error, step.passed)

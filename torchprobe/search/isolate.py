@@ -14,9 +14,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from .. import distributed as _distributed
 from ..capture import CapturedCall, capture_calls
 from ..errors import InvalidArgument, NonFiniteReference
-from ..localize import check_inputs
+from ..localize import _quiet_unless_writer, check_inputs
 from ..metrics import get_metric, measure, resolve_tol, worst_of
 from ..names import ROOT, has_forward, leaf_names, module_names, submodule
 from ..progress import progress
@@ -53,13 +54,18 @@ def isolate(
     tol: float | None = None,
     metric: str = "rel_l2",
     reference: str = "fp32",
+    group: Any = None,
+    rank: int | None = 0,
 ) -> Isolation:
     """Run each chosen module alone under ``target`` on its captured reference inputs.
 
     ``modules``: ``None`` (hierarchical: top-level blocks, descending only into blocks above
     ``tol``), ``"blocks"`` (top-level blocks only), ``"leaves"`` (every leaf), or a list of names.
     Compiled modules are cached per (module, input shapes/dtypes); ``compilations`` counts them.
-    Raises :class:`NonFiniteReference` when the reference output holds NaN/Inf.
+    Raises :class:`NonFiniteReference` when the reference output holds NaN/Inf. Under
+    torch.distributed every rank of ``group`` (default: the world) runs it on its own inputs;
+    each row is the worst over the ranks, so the table and the descent are the same everywhere
+    (progress bars on rank ``rank`` only).
 
         >>> table = tp.isolate(model, x, target="strict-onnx:fp16")
         >>> print(table); table.culprits[0].module
@@ -68,6 +74,8 @@ def isolate(
     m = get_metric(metric)
     parsed = parse_target(target)
     t_tol = resolve_tol(tol, parsed, m)
+    group = _distributed.resolve_group(group)
+    model = _distributed.copyable(model)  # FSDP2: a view whose copies stay sharded
     args, kwargs = as_call(inputs)
     check_inputs(model, args, kwargs, "isolate")
     ref = build(reference, model, args, kwargs)
@@ -87,29 +95,43 @@ def isolate(
     cache: dict[tuple, Callable[..., Any]] = {}
     rows: list[IsolatedModule] = []
     passes_run = 0
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_unless_writer(rank, group):
         while level:
             captured, output = capture_calls(ref, ref.module, set(level) | {ROOT}, args, kwargs)
             if passes_run == 0:
-                require_finite(output, str(ref.target))
+                require_finite(output, str(reference), group)
             passes_run += 1
             next_level: list[str] = []
-            for item in progress([c for c in captured if c.call.name != ROOT], desc=f"isolate {parsed}"):
-                row = _isolate_one(runner, item, cache, m.name, depth_of.get(item.call.name, 0))
+            found = [_isolate_one(runner, item, cache, m.name, depth_of.get(item.call.name, 0))
+                     for item in progress([c for c in captured if c.call.name != ROOT], desc=f"isolate {parsed}")]
+            if group is not None:  # the worst over the ranks, so that every rank descends alike
+                found = _distributed.merge_items(found, lambda r: r.key, lambda r: (r.failure is not None, m.badness(r.error)),
+                                                 group, "isolate()")
+            for row in found:
                 rows.append(row)
                 above = row.failure or not m.passes(row.error, t_tol)
                 if hierarchical and above:
-                    for child in running_children(ref.module, item.call.name):
+                    for child in running_children(ref.module, row.module):
                         if child not in depth_of:
-                            depth_of[child] = depth_of.get(item.call.name, 0) + 1
+                            depth_of[child] = depth_of.get(row.module, 0) + 1
                             next_level.append(child)
             level = next_level
     return Isolation(str(parsed), m.name, t_tol, tuple(rows), len(cache), passes_run)
 
 
-def require_finite(output: Any, reference: str) -> None:
-    """Refuse to judge anything against a reference output that holds NaN/Inf."""
-    bad = [(p, t) for p, t in named_leaves(output) if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+def require_finite(output: Any, reference: str, group: Any = None) -> None:
+    """Refuse to judge anything against a reference output that holds NaN/Inf (on any rank of
+    ``group``: then every rank raises)."""
+    if group is not None:
+        try:
+            require_finite(output, reference)
+        except NonFiniteReference as e:
+            _distributed.agree(e, group)
+        else:
+            _distributed.agree(None, group)
+        return
+    leaves = [(p, _distributed.local_view(t)[0]) for p, t in named_leaves(output)]  # DTensor: this rank's values
+    bad = [(p, t) for p, t in leaves if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         path, t = bad[0]
         nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())

@@ -193,24 +193,37 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
 _KWARG_SETS = ("_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
 
 
-def _computes_weights(hook: Any) -> bool:
-    """Hooks that are part of what the module computes (they rebuild its weights), not observers."""
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
+#: Packages whose hooks are part of what a model computes (tensor parallel input/output
+#: conversion, FSDP2 parameter gathering, legacy weight_norm/spectral_norm, adapters): kept on copies.
+COMPUTING_HOOK_PACKAGES = ("torch", "torchvision", "transformers", "accelerate", "peft", "timm")
+#: torchprobe's own computing hooks: keep-FP32 casts, FSDP2 shard gathering of distributed.copyable().
+_COMPUTING_TORCHPROBE = ("torchprobe.targets.plan", "torchprobe.distributed")
 
-    return isinstance(hook, (WeightNorm, SpectralNorm)) or isinstance(getattr(hook, "__self__", None), KeepFP32)
+
+def _defined_in(hook: Any) -> str:
+    fn = getattr(hook, "func", hook)  # functools.partial
+    fn = getattr(fn, "__func__", fn)  # bound method
+    return getattr(fn, "__module__", None) or type(fn).__module__ or ""
+
+
+def _computes(hook: Any) -> bool:
+    """Hooks that are part of what the module computes, not observers: keep-FP32 hooks, and hooks
+    of the libraries in :data:`COMPUTING_HOOK_PACKAGES`."""
+    where = _defined_in(hook)
+    return where in _COMPUTING_TORCHPROBE or where.split(".")[0] in COMPUTING_HOOK_PACKAGES
 
 
 def drop_observer_hooks(copied: nn.Module) -> nn.Module:
-    """Remove, in place, the hooks a deep copy inherited from the caller's model (a logger, a
-    Monitor, a debugger): they must not fire on torchprobe's replays. Hooks that compute the
-    module's weights (the legacy ``weight_norm``/``spectral_norm``) and keep-FP32 hooks stay."""
+    """Remove, in place, the observer hooks a deep copy inherited from the caller's model (a
+    logger of the user's code, a Monitor): they must not fire on torchprobe's replays. Hooks that
+    are part of the computation (DTensor tensor parallel, FSDP2, ``weight_norm``, keep-FP32; see
+    :func:`_computes`) stay, so the copy computes what the model computes."""
     for module in copied.modules():
         for attr in _HOOK_DICTS:
             hooks = getattr(module, attr, None)
             if not hooks:
                 continue
-            for key in [k for k, h in hooks.items() if not _computes_weights(h)]:
+            for key in [k for k, h in hooks.items() if not _computes(h)]:
                 del hooks[key]
                 for extra in _KWARG_SETS:
                     getattr(module, extra, {}).pop(key, None)

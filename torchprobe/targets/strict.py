@@ -150,6 +150,10 @@ class StrictEvents:
         totals: dict[str, list] = {}  # op -> [count, peak, unit]
         by_device: dict[torch.device, list[tuple[str, Tensor, Tensor]]] = defaultdict(list)
         for (op, device), (count, peak) in self._acc.items():
+            if type(count) is not Tensor:  # a DTensor model: this rank's counts (torchprobe.distributed)
+                from ..distributed import local_view
+
+                count, peak = local_view(count)[0], local_view(peak)[0]
             by_device[device].append((op, count, peak))
         order: list[str] = [op for op, _ in self._acc]
         for rows in by_device.values():
@@ -178,6 +182,10 @@ class StrictEvents:
         for _, inputs, output in self._calls:
             refs = []
             for t in (*inputs, *output):
+                if type(t) is not Tensor:  # a DTensor model: this rank's values (torchprobe.distributed)
+                    from ..distributed import local_view
+
+                    t = local_view(t)[0]
                 group = groups[(t.device, t.dtype)]
                 refs.append(((t.device, t.dtype), len(group)))
                 group.append(t)
