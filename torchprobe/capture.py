@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections import Counter
-from operator import itemgetter
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -213,7 +213,7 @@ class _Pending(tuple):
 
     __slots__ = ()
     dtype = property(itemgetter(0))
-    shape = property(itemgetter(1))
+    shape = property(lambda self: tuple(self[1]))  # a torch.Size in the tuple, a plain tuple out
     vector = property(itemgetter(2))
     key = property(itemgetter(3))
     module = property(itemgetter(4))
