@@ -96,7 +96,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: steadier on a shared machine)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (default 1: steadier on a shared machine; 0: all, torch's default)")
     return p
 
 
@@ -106,8 +107,25 @@ def setup(p: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available here")
-    torch.set_num_threads(args.threads)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     return args, device
+
+
+def load_tree(path: str | Path, alias: str) -> Any:
+    """The ``torchprobe`` package of another checkout (e.g. git ``main``), imported under
+    ``alias`` so that both versions run side by side in one process (the package imports itself
+    only relatively)."""
+    import importlib.util
+
+    init = Path(path) / "torchprobe" / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"--compare {path}: no torchprobe/__init__.py there")
+    spec = importlib.util.spec_from_file_location(alias, init, submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[alias] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def calibrate_batchnorm(model: nn.Module, x: torch.Tensor, steps: int = 2) -> nn.Module:
@@ -146,12 +164,46 @@ def small_bert(device: str = "cpu", batch: int = 8, seq: int = 128, autocast: to
     return Workload(f"BERT 4L-256 b{batch} s{seq}", model, inputs, autocast)
 
 
-def resnet50(device: str = "cuda", batch: int = 64, autocast: torch.dtype | None = torch.float16) -> Workload:
-    import torchvision
+def small_convnext(device: str = "cpu", batch: int = 8, size: int = 64, autocast: torch.dtype | None = None) -> Workload:
+    """transformers' ConvNeXt with 4 stages [32, 64, 128, 256], depths [2, 2, 4, 2] (issue 13's CPU model)."""
+    from transformers import ConvNextConfig, ConvNextModel
 
     torch.manual_seed(0)
-    model = calibrate_batchnorm(torchvision.models.resnet50(weights=None).to(device), torch.randn(32, 3, 224, 224, device=device))
-    return Workload(f"ResNet-50 b{batch}", model, torch.randn(batch, 3, 224, 224, device=device), autocast)
+    config = ConvNextConfig(hidden_sizes=[32, 64, 128, 256], depths=[2, 2, 4, 2], image_size=size)
+    model = ConvNextModel(config).to(device).eval()
+    return Workload(f"ConvNeXt [32..256] [2,2,4,2] b{batch} {size}x{size}", model,
+                    {"pixel_values": torch.randn(batch, 3, size, size, device=device)}, autocast)
+
+
+def resnet50(device: str = "cuda", batch: int = 64, autocast: torch.dtype | None = torch.float16) -> Workload:
+    torch.manual_seed(0)
+    try:
+        import torchvision
+
+        model, source = torchvision.models.resnet50(weights=None), "torchvision"
+    except ImportError:
+        import timm
+
+        model, source = timm.create_model("resnet50", pretrained=False), "timm"
+    model = calibrate_batchnorm(model.to(device), torch.randn(32, 3, 224, 224, device=device))
+    return Workload(f"ResNet-50 b{batch}", model, torch.randn(batch, 3, 224, 224, device=device), autocast,
+                    notes=f"resnet50 from {source}")
+
+
+def convnext_tiny(device: str = "cuda", batch: int = 64, autocast: torch.dtype | None = torch.float16) -> Workload:
+    """ConvNeXt-T (timm ``convnext_tiny``; transformers' ConvNextModel with the same config otherwise)."""
+    torch.manual_seed(0)
+    try:
+        import timm
+
+        model, source = timm.create_model("convnext_tiny", pretrained=False), "timm"
+    except ImportError:
+        from transformers import ConvNextConfig, ConvNextModel
+
+        model, source = ConvNextModel(ConvNextConfig()), "transformers"
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    return Workload(f"ConvNeXt-T b{batch}", model.to(device).eval(), x if source == "timm" else {"pixel_values": x},
+                    autocast, notes=f"convnext_tiny from {source}")
 
 
 def vit_base(device: str = "cuda", batch: int = 32, autocast: torch.dtype | None = torch.float16) -> Workload:
@@ -243,8 +295,8 @@ def device_time(fn: Callable[[], Any], device: torch.device, reps: int = 20, war
 @contextlib.contextmanager
 def counting_syncs(device: torch.device) -> Iterator[list[int]]:
     """Count host synchronizations on CUDA (``torch.cuda.set_sync_debug_mode('warn')`` warns once
-    per synchronizing call); yields a one-element list holding the count after the block."""
-    out = [0]
+    per synchronizing call); yields a list holding the count after the block, then the messages."""
+    out: list[Any] = [0, []]
     if device.type != "cuda":
         yield out
         return
@@ -257,7 +309,9 @@ def counting_syncs(device: torch.device) -> Iterator[list[int]]:
             yield out
         finally:
             torch.cuda.set_sync_debug_mode(previous)
-    out[0] = sum(1 for w in caught if "synchroniz" in str(w.message).lower())
+    out[1] = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
+              if "synchroniz" in str(w.message).lower() and "prototype feature" not in str(w.message)]
+    out[0] = len(out[1])
 
 
 def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:

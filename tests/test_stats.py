@@ -1,3 +1,4 @@
+import dataclasses
 import doctest
 import math
 
@@ -47,6 +48,21 @@ def special_tensor(dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype)
 
 
+def _relu_like(g: torch.Generator) -> torch.Tensor:
+    x = torch.relu(torch.randn(150_001, generator=g, dtype=torch.float64))
+    x[1000:1040] = torch.logspace(-45, -3, 40, dtype=torch.float64)
+    x[70_000:70_005] = torch.tensor([7e4, 1e5, 65504.0, 65505.0, 2e5], dtype=torch.float64)
+    x[140_000], x[140_001] = math.nan, math.inf
+    return x
+
+
+def _spread(g: torch.Generator) -> torch.Tensor:
+    x = torch.randn(200_003, generator=g, dtype=torch.float64) * 3
+    x[5], x[66_000], x[131_100] = 1e-7, -3e-6, 0.0
+    x[199_999] = -8e4
+    return x
+
+
 def case(name: str, dtype: torch.dtype) -> torch.Tensor:
     nan, inf = math.nan, math.inf
     g = torch.Generator().manual_seed(2)
@@ -65,12 +81,17 @@ def case(name: str, dtype: torch.dtype) -> torch.Tensor:
         # large enough for the host path's torch sums (above its NumPy float64 cut-off)
         "large-with-nan": lambda: torch.cat([torch.rand(20000, generator=g, dtype=torch.float64) + 1.0,
                                             torch.full((5,), nan, dtype=torch.float64)]),
+        # several chunks of the host counting walk: mostly zeros (a ReLU output) with tiny values
+        # in every sub-range, values beyond FP16 and a NaN/Inf in different chunks
+        "relu-like": lambda: _relu_like(g),
+        # several chunks, few values near zero: the gathering branch of the walk
+        "spread": lambda: _spread(g),
     }[name]()
     return values.to(dtype)
 
 
 CASES = ["special", "all-nan", "all-inf", "nan-and-inf", "positive-with-nan", "negative-with-inf", "one-finite",
-         "zeros-and-nan", "large-with-nan"]
+         "zeros-and-nan", "large-with-nan", "relu-like", "spread"]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
@@ -136,6 +157,28 @@ def test_slab_rows_decode_to_the_float64_reference(dtype):
             raise AssertionError(f"{name}: {e}") from e
 
 
+def test_read_decodes_slab_rows_in_one_batch_as_row_by_row():
+    """read() turns slab rows (here hand-built, in a host block) into the same statistics as the
+    row-by-row decoding, and both match the float64 reference; mixed with host vectors and None."""
+    from torchprobe.stats import SlabRow
+
+    xs = [case(name, dtype) for dtype in (torch.float32, torch.float16, torch.bfloat16) for name in CASES]
+    block = torch.from_numpy(np.stack([slab_row(x) for x in xs]))
+    pending = [(x.dtype, tuple(x.shape), SlabRow(block, i)) for i, x in enumerate(xs)]
+    pending.insert(3, (torch.int64, (5,), None))
+    pending.insert(7, (xs[0].dtype, tuple(xs[0].shape), Summarizer()(xs[0])))
+    stats = read(pending)
+    singles = [_from_vector(x.dtype, tuple(x.shape), v) for x, v in zip(xs, _decode_slab_rows(block, [x.numel() for x in xs]))]
+    assert stats[3].numel == 5 and not stats[3].is_floating
+    assert_matches(stats[7], xs[0])
+    batch = [s for i, s in enumerate(stats) if i not in (3, 7)]
+    for x, got, one in zip(xs, batch, singles):
+        assert_matches(got, x)
+        for field in dataclasses.fields(one):
+            a, b = getattr(got, field.name), getattr(one, field.name)
+            assert a == b or (a != a and b != b), (field.name, a, b)
+
+
 def test_a_row_with_no_finite_value_is_undefined_whatever_its_keys():
     x = torch.full((8,), math.nan)
     row = slab_row(x)
@@ -180,13 +223,39 @@ def test_integer_and_empty_tensors_get_no_float_stats():
         assert all(getattr(e, f) is None for f in (*FLOAT_FIELDS, *COUNT_FIELDS))
 
 
-def test_summaries_stay_on_device_until_read():
-    summarize = Summarizer()
+def test_summaries_are_read_later_in_one_step():
     xs = [torch.randn(100) * i for i in range(1, 5)]
-    vectors = [summarize(x) for x in xs]
-    assert all(isinstance(v, torch.Tensor) and v.dtype == torch.float64 for v in vectors)
-    stats = read([(x.dtype, tuple(x.shape), v) for x, v in zip(xs, vectors)])
-    assert [s.absmax for s in stats] == pytest.approx([float(x.abs().max()) for x in xs])
+    host = [Summarizer()(x) for x in xs]  # the CPU path reads as it goes: host lists
+    eager = [Summarizer(fused=False)(x) for x in xs]  # the branch-free path stays on the device
+    assert all(type(v) is list and len(v) == 13 for v in host)
+    assert all(isinstance(v, torch.Tensor) and v.dtype == torch.float64 for v in eager)
+    for vectors in (host, eager, [v for pair in zip(host, eager) for v in pair][::2]):
+        stats = read([(x.dtype, tuple(x.shape), v) for x, v in zip(xs, vectors)])
+        assert [s.absmax for s in stats] == pytest.approx([float(x.abs().max()) for x in xs])
+
+
+@pytest.mark.parametrize("fused", [None, False], ids=["host", "branch-free"])
+def test_strided_tensors_are_read_where_they_lie(fused):
+    """Dense non-contiguous tensors (channels-last, permuted) are read in place, others copied;
+    the statistics are those of the same values contiguous."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(4, 6, 10, 12, generator=g) * 100
+    base[0, 0, 0, :3] = torch.tensor([math.nan, 1e-30, 7e4])
+    views = {
+        "channels-last": base.contiguous(memory_format=torch.channels_last),
+        "permuted": base.permute(2, 0, 3, 1),
+        "transposed": base.transpose(1, 3),
+        "strided slice": base[:, ::2],
+        "expanded": base[:1, :1].expand(3, 2, 10, 12),
+        "offset": base.reshape(-1)[7:7 + 2000],
+    }
+    summarize = Summarizer(fused)
+    for name, v in views.items():
+        s = read([(v.dtype, tuple(v.shape), summarize(v))])[0]
+        try:
+            assert_matches(s, v.contiguous())
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from e
 
 
 def test_all_nonfinite_tensor_has_undefined_statistics_not_zero_absmax_and_infinite_headroom():
@@ -204,3 +273,33 @@ def test_headroom_bits():
     with pytest.raises(InvalidArgument, match="absolute value >= 0"):
         headroom_bits(-1.0)
     assert doctest.testmod(formats).failed == 0
+
+
+def test_host_counts_split_over_threads_add_up(monkeypatch):
+    """A large CPU tensor is counted in pieces on several threads; the pieces add up to the
+    float64 reference (forced here on small cases, any thread count)."""
+    from torchprobe import stats as S
+
+    monkeypatch.setattr(S, "_pieces", lambda n: 3 if n >= 64 else 1)
+    for dtype in (torch.float32, torch.float64):
+        for name in CASES:
+            x = case(name, dtype)
+            try:
+                assert_matches(read([(x.dtype, tuple(x.shape), Summarizer()(x))])[0], x)
+            except AssertionError as e:
+                raise AssertionError(f"{name}: {e}") from e
+
+
+def test_torch_counting_path_matches_the_float64_reference(monkeypatch):
+    """The torch-ops counting (used with several threads on large tensors when enabled)."""
+    from torchprobe import stats as S
+
+    monkeypatch.setattr(S, "_TORCH_COUNTS_MIN", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    for dtype in (torch.float32, torch.float64):
+        for name in CASES:
+            x = case(name, dtype)
+            try:
+                assert_matches(read([(x.dtype, tuple(x.shape), Summarizer()(x))])[0], x)
+            except AssertionError as e:
+                raise AssertionError(f"{name}: {e}") from e

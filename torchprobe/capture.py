@@ -13,6 +13,7 @@ import contextlib
 import weakref
 from collections import Counter
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -25,7 +26,7 @@ from .io.dumps import save_dump
 from .errors import InvalidArgument
 from .formats import HEAVY_UNDERFLOW, LOW_HEADROOM_BITS
 from .kinds import Risk as RiskKind
-from .names import CallKey, Patterns, has_forward, module_names, name_filter
+from .names import ROOT, CallKey, Patterns, has_forward, module_names, name_filter
 from .stats import TensorStats
 from .targets import build
 from .tree import as_call, leaf_key, map_tensors, named_leaves, replay_copy
@@ -48,6 +49,50 @@ BeforeHook = Callable[[Call, nn.Module, tuple, dict], None]
 AfterHook = Callable[[Call, nn.Module, tuple, dict, Any], None]
 
 
+class _Site:
+    """One hooked module inside one :func:`module_calls`: its name, its call count, and its
+    :class:`Call` objects by call index (each made once)."""
+
+    __slots__ = ("name", "module_type", "count", "calls")
+
+    def __init__(self, name: str, module_type: str) -> None:
+        self.name, self.module_type, self.count = name, module_type, 0
+        self.calls: list[Call] = []
+
+    def call(self, index: int) -> Call:
+        calls = self.calls
+        while len(calls) <= index:
+            # the frozen dataclass's own __init__ (three object.__setattr__ calls) costs 0.7 us a
+            # module call; filling the instance dict directly makes the same object in 0.3 us
+            call = object.__new__(Call)
+            call.__dict__.update(name=self.name, index=len(calls), module_type=self.module_type)
+            calls.append(call)
+        return calls[index]
+
+
+def _canonical_names(model: nn.Module) -> dict[nn.Module, str]:
+    """Every module of ``model`` by identity, under its canonical name: the first name
+    ``named_modules(remove_duplicate=False)`` gives it, ``(root)`` for the root (the names of
+    :func:`~torchprobe.names.module_names`, without its alias lists: one walk, ~0.2 us per
+    module against ~2 us). A module met again is not walked again: everything below it already
+    has its first name."""
+    names: dict[nn.Module, str] = {}
+    stack: list[tuple[nn.Module, str]] = [(model, "")]
+    pop, push = stack.pop, stack.append
+    while stack:
+        module, name = pop()
+        if module in names:
+            continue
+        names[module] = name or ROOT
+        children = module._modules
+        if children:
+            prefix = name + "." if name else ""
+            for child_name, child in reversed(children.items()):
+                if child is not None:
+                    push((child, prefix + child_name))
+    return names
+
+
 @contextlib.contextmanager
 def module_calls(
     model: nn.Module,
@@ -68,20 +113,27 @@ def module_calls(
     counts finished calls of its module, the same as started calls unless a module calls itself.
     ``per_module=True`` registers hooks on each kept module even then: nothing runs for the
     modules of other models (a training loop's teacher, EMA or loss modules, torchprobe's own
-    copies), and the hooks show in each module's ``_forward_hooks``.
+    copies), and the hooks show in each module's ``_forward_hooks``. The process-wide hook's own
+    work per call is two dict lookups and a counter update before ``after``.
     """
     counts: Counter = Counter()
+    names = _canonical_names(model)
     if before is None and not per_module:
-        names = {m: n.name for m, n in module_names(model).items() if keep(n.name)}
+        sites: dict[nn.Module, _Site | None] = {}  # filled on each module's first call
+        get = sites.get
 
         def post_only(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            name = names.get(module)
-            if name is None:
+            site = get(module, False)
+            if site is False:  # first call of this module in this context
+                name = names.get(module)
+                site = sites[module] = _Site(name, type(module).__name__) if name is not None and keep(name) else None
+            if site is None:  # not kept, or a module of another model
                 return
-            index = counts[name]
-            counts[name] = index + 1
+            index = site.count
+            site.count = counts[site.name] = index + 1
             if after is not None:
-                after(Call(name, index, type(module).__name__), module, args, kwargs, output)
+                calls = site.calls
+                after(calls[index] if index < len(calls) else site.call(index), module, args, kwargs, output)
 
         with nn.modules.module.register_module_forward_hook(post_only, with_kwargs=True):
             yield counts
@@ -89,26 +141,30 @@ def module_calls(
 
     open_calls: dict[str, list[Call]] = {}
 
-    def make_hooks(name: str):
+    def make_hooks(site: _Site):
+        name = site.name
+        stack = open_calls.setdefault(name, [])
+
         def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            call = Call(name, counts[name], type(module).__name__)
-            counts[name] += 1
-            open_calls.setdefault(name, []).append(call)
+            index = site.count
+            site.count = counts[name] = index + 1
+            call = site.call(index)
+            stack.append(call)
             if before is not None:
                 before(call, module, args, kwargs)
 
         def post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            call = open_calls[name].pop()
+            call = stack.pop()
             if after is not None:
                 after(call, module, args, kwargs, output)
 
         return pre, post
 
     with contextlib.ExitStack() as stack:
-        for module, mname in module_names(model).items():
-            if not keep(mname.name):
+        for module, name in names.items():
+            if not keep(name):
                 continue
-            pre, post = make_hooks(mname.name)
+            pre, post = make_hooks(_Site(name, type(module).__name__))
             stack.enter_context(module.register_forward_pre_hook(pre, with_kwargs=True))
             stack.enter_context(module.register_forward_hook(post, with_kwargs=True))
         yield counts
@@ -151,12 +207,19 @@ def risks(row: TensorStats, key: str) -> list[Risk]:
     return found
 
 
-class _Pending:
-    __slots__ = ("key", "module", "call", "leaf", "module_type", "dtype", "shape", "vector")
+class _Pending(tuple):
+    """One recorded tensor leaf awaiting the read, a plain tuple (the hook makes one per tensor):
+    (dtype, shape, summary, key, module, call index, leaf path, module type)."""
 
-    def __init__(self, key, module, call, leaf, module_type, dtype, shape, vector):
-        self.key, self.module, self.call, self.leaf = key, module, call, leaf
-        self.module_type, self.dtype, self.shape, self.vector = module_type, dtype, shape, vector
+    __slots__ = ()
+    dtype = property(itemgetter(0))
+    shape = property(lambda self: tuple(self[1]))  # a torch.Size in the tuple, a plain tuple out
+    vector = property(itemgetter(2))
+    key = property(itemgetter(3))
+    module = property(itemgetter(4))
+    call = property(itemgetter(5))
+    leaf = property(itemgetter(6))
+    module_type = property(itemgetter(7))
 
 
 class Recording:
@@ -181,17 +244,20 @@ class Recording:
         """An on-device summary of ``t`` (read later with the rows, in one host read)."""
         return self._summarize(t)
 
-    def summary(self, t: Tensor, copy: bool = True) -> tuple[Tensor | None, Tensor | None]:
+    def summary(self, t: Tensor, copy: bool = True) -> tuple[Any, Tensor | None]:
         """Summary vector (and captured copy) of ``t``, reused when the very same tensor object
         in the same version was seen already (a container returning its child's output)."""
-        version = -1 if t.is_inference() else t._version
-        hit = self._seen.get(id(t))
-        if hit is not None and version >= 0 and hit[0]() is t and hit[1] == version and (hit[3] is not None or not copy):
+        keep = copy and self.capture
+        if t.is_inference():  # no version counter: never reused
+            return (self._summarize(t) if t.is_floating_point() else None), (self._copy(t) if keep else None)
+        version = t._version
+        key = id(t)
+        hit = self._seen.get(key)
+        if hit is not None and hit[1] == version and hit[0]() is t and (hit[3] is not None or not keep):
             return hit[2], hit[3]
         vector = self._summarize(t) if t.is_floating_point() else None
-        kept = self._copy(t) if self.capture and copy else None
-        if version >= 0:
-            self._seen[id(t)] = (weakref.ref(t), version, vector, kept)
+        kept = self._copy(t) if keep else None
+        self._seen[key] = (weakref.ref(t), version, vector, kept)
         return vector, kept
 
     def _copy(self, t: Tensor) -> Tensor:
@@ -203,12 +269,20 @@ class Recording:
     def observe(self, call: Call, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         """The after-hook: summarize (and capture) every tensor leaf of one module call's output."""
         self._rows = None
-        for path, t in named_leaves(output):
-            key = leaf_key(call.key, path)
-            vector, copy = self.summary(t)
-            self._pending.append(_Pending(key, call.name, call.index, path, call.module_type, t.dtype, tuple(t.shape), vector))
+        name, index = call.name, call.index
+        key = name if index == 0 else call.key  # Call.key: the name alone for a first call
+        if isinstance(output, Tensor):  # the common case: one tensor, no tree to walk
+            vector, copy = self.summary(output)
+            self._pending.append(_Pending((output.dtype, output.shape, vector, key, name, index, "", call.module_type)))
             if copy is not None:
                 self._tensors[key] = copy
+            return
+        for path, t in named_leaves(output):
+            vector, copy = self.summary(t)
+            leaf = leaf_key(key, path)
+            self._pending.append(_Pending((t.dtype, t.shape, vector, leaf, name, index, path, call.module_type)))
+            if copy is not None:
+                self._tensors[leaf] = copy
 
     # -- query side ------------------------------------------------------------------------
     @property
