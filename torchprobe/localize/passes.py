@@ -53,8 +53,9 @@ from ..kinds import ErrorKind
 from ..metrics import error_vector, from_vector
 from ..names import ROOT, submodule
 from ..results import BackendEvent, InputStats, ModuleError
-from ..targets import Runner, Target, build
+from ..targets import PrecisionPlan, Runner, Target, build, get_backend
 from ..targets.base import model_device
+from ..targets.plan import kept_fp32
 from ..tree import leaf_key, map_tensors, named_leaves, replay_copy
 
 log = logging.getLogger(__name__)
@@ -133,16 +134,32 @@ class Session:
         self._modules: dict[tuple[str, str], nn.Module] = {}
         self._frames: list[_Frame] = []
         self._copies: dict[int, tuple[weakref.ref, int, Tensor]] = {}
+        # Comparisons already made, reused where the very same pair comes again: a module passing a
+        # tensor on unchanged (Dropout, Identity, a container returning its child's output).
+        self._sources: dict[int, tuple[Tensor, int | None, Tensor]] = {}  # replay tensor -> (it, version, reference copy)
+        self._rounding: dict[tuple[str, int, torch.dtype], tuple[weakref.ref, Any, Any]] = {}
 
     # -- building ---------------------------------------------------------------------------
     def prepare(self) -> None:
-        self.ref_runner = build(self.reference, self.model, self.args, self.kwargs)
+        self.ref_runner = self._reference_runner()
         for target in self.targets:
             try:
                 runner = self.runners[str(target)] = build(target, self.model, self.args, self.kwargs)
                 self.devices[str(target)] = model_device(runner.module, *runner.example)
             except UnsupportedTarget as e:
                 self.failures[str(target)] = str(e)
+
+    def _reference_runner(self) -> Runner:
+        """The user's model itself when it already is the reference (every module in eval mode,
+        every floating parameter and buffer in the reference dtype, no module kept in FP32 by a
+        plan): it then runs exactly as a copy would, with no copy made; else a private copy."""
+        model, dtype = self.model, self.reference.dtype
+        as_is = not any(m.training for m in model.modules()) and all(
+            t.dtype == dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point())
+        if not as_is or kept_fp32(model):
+            return build(self.reference, model, self.args, self.kwargs)
+        return Runner(self.reference, PrecisionPlan(dtype), get_backend(self.reference.backend), model, dtype,
+                      (self.args, self.kwargs))
 
     def release_reference(self) -> None:
         """Drop the reference copy of the model (the propagated passes do not need it; a subtree
@@ -161,6 +178,7 @@ class Session:
         finally:
             self._frames.clear()
             self._copies.clear()
+            self._rounding.clear()
         return rec
 
     def _before(self, call: Call, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -190,7 +208,7 @@ class Session:
             raise RuntimeError(f"torchprobe: call {call.key} returned while {frame.call.key} was open")
         child = _Child(call, frame.inputs, None)
         for name, runner in self.runners.items():
-            child.dtypes[name] = self._shadow(name, runner, frame, leaves)
+            child.dtypes[name] = self._shadow(name, runner, frame, leaves, copies)
         if self._frames:
             child.output = _copy_structure(output, copies)
             self._frames[-1].children.append(child)
@@ -204,9 +222,17 @@ class Session:
         return t.detach().clone()
 
     # -- shadows ----------------------------------------------------------------------------
-    def _shadow(self, name: str, runner: Runner, frame: _Frame, ref_leaves: Sequence[tuple[str, Tensor]]) -> dict[str, torch.dtype]:
+    def _shadow(self, name: str, runner: Runner, frame: _Frame, ref_leaves: Sequence[tuple[str, Tensor]],
+                copies: dict[int, Tensor]) -> dict[str, torch.dtype]:
         """Run ``frame``'s module alone under one target; record its local error. Returns the
         dtypes of its output leaves under the target (what its parent's shadow feeds on)."""
+        try:
+            return self._shadow_once(name, runner, frame, ref_leaves, copies)
+        finally:
+            self._sources.clear()
+
+    def _shadow_once(self, name: str, runner: Runner, frame: _Frame, ref_leaves: Sequence[tuple[str, Tensor]],
+                     copies: dict[int, Tensor]) -> dict[str, torch.dtype]:
         call = frame.call
         whole = runner.backend.compiles or not frame.children
         try:
@@ -231,7 +257,13 @@ class Session:
             self.pending.append(_Pending(call, call.key, name, ErrorKind.LOCAL, failure=failure.message))
             return {}
         test = dict(named_leaves(out))
-        self._compare(call, ref_leaves, test, name, ErrorKind.LOCAL, _events(fn))
+        reuse = {}
+        for path, r in ref_leaves:  # an output that is one of the replay's own copies, unchanged
+            source = self._sources.get(id(test.get(path)))
+            if source is not None and source[0] is test[path] and source[1] == _version(test[path]) \
+                    and source[1] is not None and copies.get(id(r)) is source[2]:
+                reuse[path] = (name, id(source[2]), test[path].dtype)
+        self._compare(call, ref_leaves, test, name, ErrorKind.LOCAL, _events(fn), reuse=reuse)
         return {p: t.dtype for p, t in test.items()}
 
     def _own_code(self, name: str, runner: Runner, fn: Callable[..., Any], frame: _Frame) -> Any:
@@ -245,7 +277,8 @@ class Session:
             memo = {}
             for path, t in named_leaves(child.output):
                 dtype = dtypes.get(path, fallback if t.is_floating_point() else None)
-                memo[id(t)] = _fresh(t, dtype, device)
+                memo[id(t)] = fresh = _fresh(t, dtype, device)
+                self._sources[id(fresh)] = (fresh, _version(fresh), t)
             answers.setdefault(child.call.name, []).append((child, _copy_structure(child.output, memo)))
         a, k = self._private(name, frame.snapshot)
         # the container's inputs and its children's answers: passed on unchanged, they carry no error of its own
@@ -283,7 +316,13 @@ class Session:
         return fn
 
     def _private(self, name: str, snapshot: tuple[tuple, dict]) -> tuple[tuple, dict]:
-        return _private(snapshot, self.runners[name].input_dtype, self.devices[name])
+        """One replay's own copy of a snapshot (its tensors remembered as copies of the reference's)."""
+        dtype, device = self.runners[name].input_dtype, self.devices[name]
+        memo = {}
+        for _, t in _leaves(*snapshot):
+            memo[id(t)] = fresh = _fresh(t, dtype, device)
+            self._sources[id(fresh)] = (fresh, _version(fresh), t)
+        return _copy_structure(snapshot, memo)
 
     def _module(self, name: str, runner: Runner, module_name: str) -> nn.Module:
         module = self._modules.get((name, module_name))
@@ -293,7 +332,11 @@ class Session:
 
     def _compare(self, call: Call, ref_leaves: Sequence[tuple[str, Tensor]], test: dict[str, Tensor],
                  target: str, kind: ErrorKind, events: list[Any] | None = None, key_prefix: str | None = None,
-                 guard: tuple[str, torch.dtype] | None = None) -> None:
+                 guard: tuple[str, torch.dtype] | None = None, reuse: dict[str, tuple] | None = None,
+                 seen: dict[tuple, tuple] | None = None) -> None:
+        """Queue the error of every floating leaf. ``reuse``: per leaf, a key under which the same
+        (reference copy, rounded copy) pair was measured before; ``seen``: pairs already measured
+        in this pass, by the identity of both tensors (the same objects, unchanged)."""
         for path, r in ref_leaves:
             if not r.is_floating_point():
                 continue
@@ -304,8 +347,19 @@ class Session:
                 self.pending.append(_Pending(call, key, target, kind,
                                              failure=f"output {path or 'tensor'}: expected shape {tuple(r.shape)}, got {got}"))
                 continue
-            vector = error_vector(r, t)
-            stats = (t.dtype, tuple(t.shape), self.recording.summarize(t))
+            cache, cache_key, anchors = None, None, ()
+            if reuse and path in reuse:
+                cache, cache_key, anchors = self._rounding, reuse[path], (self._sources[id(t)][2],)
+            elif seen is not None and _version(t) is not None:
+                cache, cache_key, anchors = seen, (id(t), _version(t), id(r)), (t, r)
+            hit = cache.get(cache_key) if cache is not None else None
+            if hit is not None and all(ref() is a for ref, a in zip(hit[0], anchors)):
+                vector, stats = hit[1], hit[2]
+            else:
+                vector = error_vector(r, t)
+                stats = (t.dtype, tuple(t.shape), self.recording.summarize(t))
+                if cache is not None:
+                    cache[cache_key] = (tuple(weakref.ref(a) for a in anchors), vector, stats)
             self.pending.append(_Pending(call, key, target, kind, vector, stats, events=list(events or []), guard=guard))
 
     # -- subtree pass -----------------------------------------------------------------------
@@ -317,7 +371,7 @@ class Session:
         if not redo:
             return
         self.pending = [p for p in self.pending if (p.target, p.call.key) not in redo or p.kind != ErrorKind.LOCAL]
-        ref = self.ref_runner or build(self.reference, self.model, self.args, self.kwargs)
+        ref = self.ref_runner or self._reference_runner()
         containers = self.containers
         shadows: dict[str, list[tuple[str, Any]]] = {}
 
@@ -335,6 +389,8 @@ class Session:
                     shadows[call.key].append((name, (fn(*a, **k), _events(fn))))
                 except Exception as e:  # noqa: BLE001 - a finding, like any shadow failure
                     shadows[call.key].append((name, ShadowFailure(call, name, _describe(e), traceback.format_exc())))
+                finally:
+                    self._sources.clear()
 
         def after(call: Call, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             leaves = named_leaves(output)
@@ -356,13 +412,14 @@ class Session:
         per_module = not runner.backend.compiles
         keep = self.keep if per_module else (lambda n: n == ROOT)
         open_calls: list[str] = []
+        seen: dict[tuple, tuple] = {}
 
         def before(call: Call, module: nn.Module, args: tuple, kwargs: dict) -> None:
             open_calls.append(call.key)
 
         def after(call: Call, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             open_calls.pop()
-            self._compare_to_reference(call, output, reference, name)
+            self._compare_to_reference(call, output, reference, name, seen)
 
         a, k = replay_copy((self.args, self.kwargs))
         try:
@@ -379,11 +436,15 @@ class Session:
             return False
         return True
 
-    def _compare_to_reference(self, call: Call, output: Any, reference: dict[str, Tensor], name: str) -> None:
+    def _compare_to_reference(self, call: Call, output: Any, reference: dict[str, Tensor], name: str,
+                              seen: dict[tuple, tuple] | None = None) -> None:
         leaves = named_leaves(output)
-        ref_leaves = [(p, reference[leaf_key(call.key, p)].to(t.device, non_blocking=True))
-                      for p, t in leaves if leaf_key(call.key, p) in reference]
-        self._compare(call, ref_leaves, dict(leaves), name, ErrorKind.PROPAGATED)
+        ref_leaves = []
+        for p, t in leaves:
+            r = reference.get(leaf_key(call.key, p))
+            if r is not None:
+                ref_leaves.append((p, r if r.device == t.device else r.to(t.device, non_blocking=True)))
+        self._compare(call, ref_leaves, dict(leaves), name, ErrorKind.PROPAGATED, seen=seen)
 
     # -- the one host read ------------------------------------------------------------------
     def read(self) -> tuple[list[ModuleError], list[InputStats]]:
@@ -481,12 +542,6 @@ def _fresh(t: Tensor, dtype: torch.dtype | None, device: torch.device) -> Tensor
     if dtype is not None and t.is_floating_point() and t.dtype != dtype:
         return t.to(device=device, dtype=dtype)
     return t.to(device=device, copy=True)
-
-
-def _private(snapshot: tuple[tuple, dict], dtype: torch.dtype | None, device: torch.device) -> tuple[tuple, dict]:
-    """One replay's own copy of a snapshot: new tensors on ``device``, floating ones in ``dtype``."""
-    memo = {id(t): _fresh(t, dtype, device) for _, t in _leaves(*snapshot)}
-    return _copy_structure(snapshot, memo)
 
 
 def _representable(stats: Any, dtype: torch.dtype) -> bool:
