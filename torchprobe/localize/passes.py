@@ -235,13 +235,12 @@ class Session:
                      copies: dict[int, Tensor]) -> dict[str, torch.dtype]:
         call = frame.call
         whole = runner.backend.compiles or not frame.children
+        fn = out = None
         try:
-            fn = self._fn(name, runner, call.name, frame.snapshot)
-            out = None
             if not whole:
                 mark = len(self.pending)
                 try:
-                    out = self._own_code(name, runner, fn, frame)
+                    out, fn = self._own_code(name, runner, frame)
                     self.containers.add(call.key)
                 except Exception:  # noqa: BLE001 - replay it whole instead
                     del self.pending[mark:]
@@ -250,6 +249,7 @@ class Session:
                     out = None
             if out is None:
                 a, k = self._private(name, frame.snapshot)
+                fn = self._fn(name, runner, call.name, a, k)
                 out = fn(*a, **k)
         except Exception as e:  # the user's module failing under a target is a finding
             failure = ShadowFailure(call, name, _describe(e), traceback.format_exc())
@@ -266,9 +266,10 @@ class Session:
         self._compare(call, ref_leaves, test, name, ErrorKind.LOCAL, _events(fn), reuse=reuse)
         return {p: t.dtype for p, t in test.items()}
 
-    def _own_code(self, name: str, runner: Runner, fn: Callable[..., Any], frame: _Frame) -> Any:
+    def _own_code(self, name: str, runner: Runner, frame: _Frame) -> tuple[Any, Callable[..., Any]]:
         """Run a container's own code under the target, its kept children answered with the
-        reference's outputs; compare what its code hands to each child."""
+        reference's outputs; compare what its code hands to each child. Returns (output, the
+        callable that ran)."""
         fallback = runner.input_dtype
         device = self.devices[name]
         answers: dict[str, list[tuple[_Child, Any]]] = {}
@@ -281,6 +282,7 @@ class Session:
                 self._sources[id(fresh)] = (fresh, _version(fresh), t)
             answers.setdefault(child.call.name, []).append((child, _copy_structure(child.output, memo)))
         a, k = self._private(name, frame.snapshot)
+        fn = self._fn(name, runner, frame.call.name, a, k)
         # the container's inputs and its children's answers: passed on unchanged, they carry no error of its own
         exact = {id(t): _version(t) for _, t in _leaves(a, k)}
         exact.update((id(t), _version(t)) for calls in answers.values() for _, out in calls for _, t in named_leaves(out))
@@ -305,14 +307,15 @@ class Session:
         left = [s.calls[s.next][0].call.key for s in substitutes if s.next < len(s.calls)]
         if left:
             raise _Mismatch(f"not called under the target: {', '.join(left[:3])}")
-        return out
+        return out, fn
 
-    def _fn(self, name: str, runner: Runner, module_name: str, snapshot: tuple[tuple, dict]) -> Callable[..., Any]:
+    def _fn(self, name: str, runner: Runner, module_name: str, args: tuple, kwargs: dict) -> Callable[..., Any]:
+        """The target's callable for one module of its copy, made once (``args``/``kwargs``: an
+        example call in the target's input dtype, what compiling backends compile for)."""
         fn = self._fns.get((name, module_name))
         if fn is None:
             module = runner.module if module_name == ROOT else self._module(name, runner, module_name)
-            a, k = self._private(name, snapshot)
-            fn = self._fns[(name, module_name)] = runner.backend.wrap(module, runner.target.dtype, a, k)
+            fn = self._fns[(name, module_name)] = runner.backend.wrap(module, runner.target.dtype, args, kwargs)
         return fn
 
     def _private(self, name: str, snapshot: tuple[tuple, dict]) -> tuple[tuple, dict]:
@@ -384,8 +387,8 @@ class Session:
             for name in names:
                 runner = self.runners[name]
                 try:
-                    fn = self._fn(name, runner, call.name, frame.snapshot)
                     a, k = self._private(name, frame.snapshot)
+                    fn = self._fn(name, runner, call.name, a, k)
                     shadows[call.key].append((name, (fn(*a, **k), _events(fn))))
                 except Exception as e:  # noqa: BLE001 - a finding, like any shadow failure
                     shadows[call.key].append((name, ShadowFailure(call, name, _describe(e), traceback.format_exc())))
@@ -411,11 +414,11 @@ class Session:
         """Run the whole model under the target; False when it failed (recorded as a finding)."""
         per_module = not runner.backend.compiles
         keep = self.keep if per_module else (lambda n: n == ROOT)
-        open_calls: list[str] = []
+        open_calls: list[Call] = []
         seen: dict[tuple, tuple] = {}
 
         def before(call: Call, module: nn.Module, args: tuple, kwargs: dict) -> None:
-            open_calls.append(call.key)
+            open_calls.append(call)
 
         def after(call: Call, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             open_calls.pop()
@@ -430,7 +433,7 @@ class Session:
                 out = runner(*a, **k)
                 self._compare_to_reference(Call(ROOT, 0, type(runner.module).__name__), out, reference, name)
         except Exception as e:  # the user's model failing under a target is a finding
-            where = f" (in {open_calls[-1]})" if open_calls else ""
+            where = f" (in {open_calls[-1].key})" if open_calls else ""
             log.info("the model failed under %s%s:\n%s", name, where, traceback.format_exc())
             self.failures[name] = f"the model failed under {name}{where}: {_describe(e)}"
             return False
@@ -440,8 +443,9 @@ class Session:
                               seen: dict[tuple, tuple] | None = None) -> None:
         leaves = named_leaves(output)
         ref_leaves = []
+        key = call.key
         for p, t in leaves:
-            r = reference.get(leaf_key(call.key, p))
+            r = reference.get(leaf_key(key, p))
             if r is not None:
                 ref_leaves.append((p, r if r.device == t.device else r.to(t.device, non_blocking=True)))
         self._compare(call, ref_leaves, dict(leaves), name, ErrorKind.PROPAGATED, seen=seen)
@@ -449,20 +453,17 @@ class Session:
     # -- the one host read ------------------------------------------------------------------
     def read(self) -> tuple[list[ModuleError], list[InputStats]]:
         """One host read for every pending vector; build the typed results."""
-        host = _stats.to_host([p.vector for p in self.pending if p.vector is not None])
-        read_stats = _stats.read([p.stats for p in self.pending if p.stats is not None])
+        vectors = {id(p.vector): p.vector for p in self.pending if p.vector is not None}  # reused ones once
+        summaries = {id(p.stats): p.stats for p in self.pending if p.stats is not None}
+        metrics_of = dict(zip(vectors, map(from_vector, _stats.to_host(list(vectors.values())))))
+        stats_of = dict(zip(summaries, _stats.read(list(summaries.values()))))
         input_stats = _stats.read([(d, s, v) for _, d, s, v in self.inputs])
         inputs = [InputStats(key, s) for (key, _, _, _), s in zip(self.inputs, input_stats)]
         by_key = {i.key: i.stats for i in inputs}
-        errors, vi, si = [], 0, 0
+        errors = []
         for p in self.pending:
-            metrics = stats = None
-            if p.vector is not None:
-                metrics = from_vector(host[vi])
-                vi += 1
-            if p.stats is not None:
-                stats = read_stats[si]
-                si += 1
+            metrics = None if p.vector is None else metrics_of[id(p.vector)]
+            stats = None if p.stats is None else stats_of[id(p.stats)]
             if p.guard is not None and not _representable(by_key.get(p.guard[0]), p.guard[1]):
                 continue
             events = tuple(BackendEvent(ev.op, ev.what, ev.count, ev.input_absmax, str(ev.dtype).replace("torch.", ""))
@@ -506,18 +507,18 @@ def _version(t: Tensor) -> int | None:
 
 
 def _leaves(args: tuple, kwargs: dict) -> list[tuple[str, Tensor]]:
-    """``named_leaves((args, kwargs))``, without the pytree walk for plain tensors and scalars."""
+    """``named_leaves((args, kwargs))``, walking only the arguments that are not a tensor or a scalar."""
     out = []
     for i, a in enumerate(args):
         if isinstance(a, Tensor):
             out.append((f"0.{i}", a))
         elif not isinstance(a, _PLAIN):
-            return named_leaves((args, kwargs))
+            out.extend(named_leaves(a, f"0.{i}"))
     for key, v in kwargs.items():
         if isinstance(v, Tensor):
             out.append((f"1.{key}", v))
         elif not isinstance(v, _PLAIN):
-            return named_leaves((args, kwargs))
+            out.extend(named_leaves(v, f"1.{key}"))
     return out
 
 
