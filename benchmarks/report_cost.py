@@ -177,9 +177,11 @@ def memory_rows(w: C.Workload, targets: tuple[str, ...], packages: dict[str, Mod
     args, kwargs = as_call(w.inputs)
     ref_copy = model_bytes(w.model)  # what a private FP32 reference copy holds
     copies = 0
+    target_peaks = []
     for t in targets:
         runner = build(t, w.model, args, kwargs)
         copies += model_bytes(runner.module)
+        target_peaks.append(f"{t} {C.peak_bytes(lambda: runner(*args, **kwargs), w.device) / 2**30:.2f}")
         del runner
     torch.cuda.empty_cache()
     acts = reference_set_bytes(w)
@@ -187,7 +189,7 @@ def memory_rows(w: C.Workload, targets: tuple[str, ...], packages: dict[str, Mod
     gib = 2**30
     rows = [[w.name, "one set of reference activations", f"{acts / gib:.2f} GiB", "", "",
              f"target copies {copies / gib:.2f} GiB ({len(targets)}), a reference copy {ref_copy / gib:.2f} GiB, "
-             f"plain FP32 forward peak {forward_peak / gib:.2f} GiB"]]
+             f"forward peaks: fp32 {forward_peak / gib:.2f}, {', '.join(target_peaks)} GiB (on its own copy)"]]
     for label, package in packages.items():
         torch.cuda.empty_cache()
         peak = C.peak_bytes(lambda: package.report(w.model, w.inputs, targets=targets), w.device)

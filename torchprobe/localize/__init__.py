@@ -4,10 +4,12 @@ The passes (reference with shadow runs, propagated per target) are in :mod:`.pas
 measurements :mod:`.culprits` names the culprits, the latent findings, and, when the reference
 itself is not finite, the module where NaN/Inf first appears.
 
-Peak memory: one copy of the model per target plus the reference, one copy of every module output
-of the reference (in host memory with ``offload=True``), and the live activations of one forward at
-a time. Shadow runs of nested containers re-run their subtree, so the reference pass costs about
-(depth of nesting) target forwards per target.
+Cost: the reference forward, about one forward per target for the shadows (a container runs its
+own code with its children answered by the reference, :mod:`.passes`), one propagated forward per
+target, and a subtree pass only for a divergence that no module's own error explains. Peak memory:
+one copy of the model per target (plus a reference copy unless the model already is an FP32 eval
+model), one copy of every module output of the reference (in host memory with ``offload=True``),
+and the live activations of one forward at a time.
 """
 from __future__ import annotations
 

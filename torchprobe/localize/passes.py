@@ -1,9 +1,12 @@
 """The passes of one report(): the reference pass with shadow runs, then one propagated pass per target.
 
-All runs use private copies of the model (the user's module is never run or changed), and every
-replay (shadow, propagated) runs on its own copy of the inputs, mutable non-tensor objects (a
-transformers Cache, dicts) included, so a target's figures do not depend on which other targets
-ran, or in which order.
+Every target runs on a private copy of the model, and every replay (shadow, propagated) runs on
+its own copy of the inputs, mutable non-tensor objects (a transformers Cache, dicts) included, so
+a target's figures do not depend on which other targets ran, or in which order. The reference
+runs on the user's model itself when it already is the reference (every module in eval mode,
+every floating parameter and buffer in the reference dtype, no module kept in FP32 by a plan):
+run with hooks (removed on exit) and under ``no_grad``, exactly as a copy would run; otherwise
+on a private copy.
 
 1. **Reference pass** (eager FP32, or FP64): per-module input and output statistics and a copy of
    every output (on the device, or in host memory with ``offload=True``). When a module call
@@ -17,14 +20,15 @@ ran, or in which order.
      Its local error is then the error of its own arithmetic (a residual add, attention written
      in functional ops, a layer scale), measured on its outputs and on every value its code hands
      to a child (keys ``block:->block.norm2:0.0``: the input ``0.0`` of the child call
-     ``block.norm2``). A child input that the target dtype cannot represent in the reference
-     (NaN/Inf, or beyond the dtype's range, e.g. an FP32 attention mask of ``finfo.min``) is not
-     compared: the child's own shadow meets it.
+     ``block.norm2``). A child input that the target dtype cannot hold in the reference (NaN/Inf,
+     or beyond the dtype's range, e.g. an FP32 attention mask of ``finfo.min``) is not compared:
+     the child's own shadow meets it.
    - A container whose calls do not replay that way (it calls its children differently, or
      raises with their answers) runs whole, like a leaf.
 
    So the shadows of all modules together run about one forward per target, however deep the
-   nesting. Compiling backends (inductor, tensorrt) compile and run each module whole.
+   nesting (running every container whole cost one forward per target per nesting level).
+   Compiling backends (inductor, tensorrt) compile and run each module whole.
 2. **Propagated pass** per target: the whole model under the target; each module's output is
    compared with the reference copy from step 1. Compiling backends are run whole and only their
    final output is compared; their per-module view is the local error.
@@ -33,6 +37,9 @@ ran, or in which order.
    container): the reference runs once more and each container runs whole under that target on
    its exact inputs, so the smallest container whose subtree introduces the error is named. Its
    figures replace the container's own-arithmetic figures for that target.
+
+A comparison already made is reused where the very same pair comes again (a module passing a
+tensor on unchanged: Dropout, Identity, a container returning its child's output).
 """
 from __future__ import annotations
 
