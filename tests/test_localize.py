@@ -120,3 +120,126 @@ def test_modules_filter_and_kwargs_inputs():
     rep = tp.report(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, targets=("eager:bf16",), modules="*LayerNorm")
     modules = {e.module for e in rep.errors}
     assert modules and all(m.endswith("LayerNorm") or m == "(root)" for m in modules)
+
+
+# ----------------------------------------------------------------------------- shadows: own code, cost
+class Rounds(nn.Module):
+    """Its own code rounds in FP16: (x + 64) - 64 (error ~2%); its children are exact."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Identity()
+        self.after = nn.Identity()
+
+    def forward(self, x):
+        y = self.inner(x)
+        return self.after((y + 64.0) - 64.0)  # the rounding feeds a child: measured on the child's input
+
+
+class Counted(nn.Module):
+    """A leaf that counts the calls it gets with half-precision inputs (the shadows and the propagated pass)."""
+
+    calls = 0
+
+    def forward(self, x):
+        if x.dtype == torch.float16:
+            Counted.calls += 1
+        return x * 1.0
+
+
+def nested(depth: int) -> nn.Module:
+    model = Counted()
+    for _ in range(depth):
+        model = nn.Sequential(model, nn.Identity())
+    return model
+
+
+def test_a_containers_own_arithmetic_is_its_local_error():
+    model = nn.Sequential(nn.Linear(32, 32), Rounds(), nn.Linear(32, 4))
+    x = torch.randn(8, 32).half().float()
+    rep = tp.report(model, x, targets=("eager:fp16",), tol=1e-2)
+    assert [c.module for c in rep.culprits] == ["1"]
+    own = rep.error("1:->1.after:0.0", "eager:fp16", "local")  # what its code hands to 1.after
+    assert own is not None and own.metrics.rel_l2 > 1e-2
+    for child in ("1.inner", "1.after"):
+        assert rep.error(child, "eager:fp16", "local").metrics.rel_l2 < 1e-3
+    # against an independent computation: the rounding in FP16 of the reference's own values
+    with torch.no_grad():
+        y = model[0](x)
+        expected = tp.measure(y, (y.half() + 64.0) - 64.0).rel_l2
+    assert own.metrics.rel_l2 == pytest.approx(expected, rel=1e-3)
+
+
+@pytest.mark.parametrize("depth", [1, 6])
+def test_shadows_run_each_module_once_per_target_whatever_the_nesting(depth):
+    Counted.calls = 0
+    rep = tp.report(nested(depth), torch.randn(4, 8), targets=("eager:fp16",))
+    assert rep
+    assert Counted.calls == 2  # its shadow and the propagated pass; not one run per enclosing container
+
+
+class Drift(nn.Module):
+    """(x * c) / c: exact in FP32, a rounding of about 2e-4 in FP16 that differs step by step."""
+
+    def __init__(self, c: float):
+        super().__init__()
+        self.c = c
+
+    def forward(self, x):
+        return (x * self.c) / self.c
+
+
+def test_error_that_adds_up_is_named_by_the_subtree_that_adds_it():
+    steps = nn.Sequential(*[nn.Sequential(Drift(1.0 + 0.0371 * (i + 1)), nn.Identity()) for i in range(30)])
+    model = nn.Sequential(steps)
+    x = torch.randn(64, 16).half().float()
+    rep = tp.report(model, x, targets=("eager:fp16",), tol=6e-4)
+    assert not rep and rep.outcome("eager:fp16").output_error.rel_l2 > 6e-4
+    drifts = [e for e in rep.errors if e.kind == "local" and e.module.endswith(".0") and e.module.count(".") == 2]
+    assert len(drifts) == 30 and all(e.metrics.rel_l2 < 6e-4 for e in drifts)  # no step alone is above tol ...
+    assert [c.module for c in rep.culprits] == ["0"]  # ... their container is, run whole on its exact inputs
+    assert rep.culprits[0].local_error == pytest.approx(rep.outcome("eager:fp16").output_error.rel_l2, rel=1e-6)
+
+
+class MaskedScores(nn.Module):
+    """Masks scores with finfo(dtype).min of its own dtype, as transformers' attention masks do:
+    -3.4e38 in the FP32 reference, -65504 under FP16 -- the same meaning, not an error."""
+
+    def __init__(self):
+        super().__init__()
+        self.score = nn.Linear(8, 8)
+        self.soft = nn.Softmax(-1)
+
+    def forward(self, x, keep):
+        bias = (1.0 - keep) * torch.finfo(x.dtype).min
+        return self.soft(self.score(x) + bias)
+
+
+class Wrapped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = MaskedScores()
+
+    def forward(self, x, keep):
+        return self.block(x, keep)
+
+
+def test_values_the_target_dtype_cannot_hold_are_not_compared_as_errors():
+    model = Wrapped()
+    x = torch.randn(4, 8)
+    keep = torch.ones(4, 8)
+    keep[:, 5:] = 0
+    rep = tp.report(model, (x, keep), targets=("eager:fp16", "eager:bf16"))
+    assert rep and not rep.culprits and not rep.latent, str(rep)
+    assert not [e for e in rep.errors if "->" in e.key]  # the masked scores handed to soft: not representable, skipped
+    assert rep.error("block.soft", "eager:fp16", "local").metrics.rel_l2 < 1e-2
+
+
+def test_leaves_of_call_arguments_are_named_like_named_leaves():
+    from torchprobe.localize.passes import _leaves
+    from torchprobe.tree import named_leaves
+
+    t = torch.ones(1)
+    args = (t, None, [t, (t, 3)], {"k": t, "n": None}, "text")
+    kwargs = {"a": t, "b": [t, {"c": t}], "e": 5}
+    assert [p for p, _ in _leaves(args, kwargs)] == [p for p, _ in named_leaves((args, kwargs))]

@@ -4,10 +4,12 @@ The passes (reference with shadow runs, propagated per target) are in :mod:`.pas
 measurements :mod:`.culprits` names the culprits, the latent findings, and, when the reference
 itself is not finite, the module where NaN/Inf first appears.
 
-Peak memory: one copy of the model per target plus the reference, one copy of every module output
-of the reference (in host memory with ``offload=True``), and the live activations of one forward at
-a time. Shadow runs of nested containers re-run their subtree, so the reference pass costs about
-(depth of nesting) target forwards per target.
+Cost: the reference forward, about one forward per target for the shadows (a container runs its
+own code with its children answered by the reference, :mod:`.passes`), one propagated forward per
+target, and a subtree pass only for a divergence that no module's own error explains. Peak memory:
+one copy of the model per target (plus a reference copy unless the model already is an FP32 eval
+model), one copy of every module output of the reference (in host memory with ``offload=True``),
+and the live activations of one forward at a time.
 """
 from __future__ import annotations
 
@@ -147,14 +149,17 @@ def report(
     session = Session(model, args, kwargs, ref_target, parsed, module_filter(model, modules), local, offload)
     with torch.no_grad(), _quiet_unless_writer(rank, group):
         session.prepare()
+        leaves = set(leaf_names(session.ref_runner.module))
         steps = progress([None, *session.runners], desc="report passes")
         for name in steps:
             if name is None:
                 rec = session.reference_pass()
                 floating_output_check(session.root_output, "report")
+                session.release_reference()
                 reference_tensors = rec.tensors
             else:
                 session.propagated_pass(name, session.runners[name], reference_tensors)
+        del reference_tensors
     errors, input_stats = session.read()
     if group is not None:  # the merge step: the same rows, errors and failures on every rank
         errors, input_stats = _merge_ranks(session, rec, errors, m, group)
@@ -163,31 +168,25 @@ def report(
     root_rows = [r for r in rows if r.module == ROOT and r.call == 0 and r.is_floating]
     reference_finite = all(r.nonfinite == 0 for r in root_rows)
 
-    outcomes = []
-    for target in parsed:
-        name = str(target)
-        final = [e for e in errors if e.target == name and e.kind == ErrorKind.PROPAGATED and e.module == ROOT and e.call == 0]
-        failure = session.failures.get(name)
-        if not reference_finite:
-            failure = f"the {ref_name} reference is not finite: its output holds NaN/Inf, so nothing can be judged against it"
-        output_error = worst_of(m, [e.metrics for e in final]) if final and all(e.metrics is not None for e in final) else None
-        ok = failure is None and all_pass(m, [e.metrics for e in final], tols[name])
-        runner = session.runners.get(name)
-        per_module = runner is not None and not runner.backend.compiles
-        outcomes.append(TargetOutcome(name, tols[name], output_error, ok, failure, per_module))
-
-    replay_failures, ignored = [], set()
+    outcomes = _outcomes(session, parsed, errors, m, tols, reference_finite, ref_name)
+    culprits, latent, ignored = _findings(session, rows, input_stats, errors, outcomes, m, parsed, leaves, reference_finite,
+                                          ref_name, model)
+    unexplained = [o.target for o in outcomes if not o.passed and o.failure is None and local
+                   and not any(c.target == o.target for c in culprits)]
+    if unexplained:  # no module's own error explains it: measure the containers' subtrees (passes.py, step 3)
+        with torch.no_grad(), _quiet_unless_writer(rank, group):
+            session.subtree_pass(unexplained)
+        errors, input_stats = session.read()
+        if group is not None:
+            errors, input_stats = _merge_ranks(session, rec, errors, m, group)
+        culprits, latent, ignored = _findings(session, rows, input_stats, errors, outcomes, m, parsed, leaves,
+                                              reference_finite, ref_name, model)
+    replay_failures = []
     for f in session.shadow_failures:
-        if f.target not in session.failures:  # the whole model ran under the target: the replay failed, not the module
+        if (f.target, f.call.key) in ignored:
             log.warning("torchprobe could not replay %s alone under %s (the whole model runs under it): %s\n%s",
                         f.call.key, f.target, f.message, f.traceback)
             replay_failures.append(f"{f.call.key} under {f.target}: {f.message}")
-            ignored.add((f.target, f.call.key))
-    if reference_finite:
-        leaves = set(leaf_names(session.ref_runner.module))
-        culprits, latent = find_findings(rows, input_stats, errors, outcomes, m, {str(t): t for t in parsed}, leaves, ignored)
-    else:
-        culprits, latent = reference_origin(rows, input_stats, ref_name, session.ref_runner.module), []
     measured = None
     if margins and reference_finite:
         from .margin import margin
@@ -215,3 +214,33 @@ def report(
         replay_failures=tuple(replay_failures),
         margins=measured,
     )
+
+
+def _outcomes(session: Session, parsed: list, errors: list, m: Any, tols: dict, reference_finite: bool,
+              ref_name: str) -> list[TargetOutcome]:
+    outcomes = []
+    for target in parsed:
+        name = str(target)
+        final = [e for e in errors if e.target == name and e.kind == ErrorKind.PROPAGATED and e.module == ROOT and e.call == 0]
+        failure = session.failures.get(name)
+        if not reference_finite:
+            failure = f"the {ref_name} reference is not finite: its output holds NaN/Inf, so nothing can be judged against it"
+        output_error = worst_of(m, [e.metrics for e in final]) if final and all(e.metrics is not None for e in final) else None
+        ok = failure is None and all_pass(m, [e.metrics for e in final], tols[name])
+        runner = session.runners.get(name)
+        per_module = runner is not None and not runner.backend.compiles
+        outcomes.append(TargetOutcome(name, tols[name], output_error, ok, failure, per_module))
+    return outcomes
+
+
+def _findings(session: Session, rows: tuple, input_stats: list, errors: list, outcomes: list, m: Any, parsed: list,
+              leaves: set[str], reference_finite: bool, ref_name: str, model: nn.Module) -> tuple[list, list, set]:
+    """(culprits, latent, replays that failed where the whole model ran under the target)."""
+    # the whole model ran under the target: the replay failed, not the module
+    ignored = {(f.target, f.call.key) for f in session.shadow_failures if f.target not in session.failures}
+    if reference_finite:
+        culprits, latent = find_findings(rows, input_stats, errors, outcomes, m, {str(t): t for t in parsed}, leaves, ignored)
+    else:
+        # the user's model holds the same parameters as the reference copy; they are only read
+        culprits, latent = reference_origin(rows, input_stats, ref_name, model), []
+    return culprits, latent, ignored
