@@ -321,17 +321,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_explain(args: argparse.Namespace) -> int:
     from .explain import explain
     from .render.explain import explain_text
-    from .targets import model_device
 
-    factory = load_factory(args.model)
-    model, inputs = call_factory(args.model, factory)
-    if args.input:
-        inputs = build_inputs(args.input, seed=args.seed, kwargs_from_safetensors=args.input_kwargs)
-    elif inputs is None:
-        raise InvalidArgument(f"{args.model}() returned a model without inputs; pass --input, e.g. --input 2x16")
-    if args.device is not None:
-        model = model.to(args.device)  # the command's own model, built by the factory above
-    inputs = _to_device(inputs, args.device or model_device(model))
+    model, inputs = _model_and_inputs(args, [args.target])
     ex = explain(model, inputs, target=str(args.target), keep_fp32=args.keep_fp32 or (), norm_fp32=not args.fp16_norms)
     if args.quiet:
         print(f"{ex.target}: {len(ex.risks)} op(s) may overflow" +
@@ -546,6 +537,18 @@ examples:
 """
 
 
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The factory, its inputs and the device: shared by report, explain and margin."""
+    p.add_argument("model", metavar="MODULE:FACTORY", help="where to get the model, e.g. models.py:build")
+    p.add_argument("--input", "-i", action="append", type=_input_type, metavar="SPEC", default=[],
+                   help="a shape[:dtype[:n]] of random values or a .safetensors/.pt file (repeatable; see 'report --help')")
+    p.add_argument("--input-kwargs", action="store_true",
+                   help="pass the tensors of .safetensors inputs as keyword arguments named by key")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of random inputs (default {DEFAULT_SEED})")
+    p.add_argument("--device", type=_device_type, default=None,
+                   help="move the model and inputs there (default: where the factory put the model)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -571,12 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="find the modules that break a model under each target",
                        description="Run the factory's model under each target against an FP32 (or FP64) reference;\n"
                                    "print the verdict per target, the culprit modules and a per-module table.")
-    p.add_argument("model", metavar="MODULE:FACTORY", help="where to get the model, e.g. models.py:build")
-    p.add_argument("--input", "-i", action="append", type=_input_type, metavar="SPEC", default=[],
-                   help="a shape[:dtype[:n]] of random values or a .safetensors/.pt file (repeatable; see below)")
-    p.add_argument("--input-kwargs", action="store_true",
-                   help="pass the tensors of .safetensors inputs as keyword arguments named by key")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of random inputs (default {DEFAULT_SEED})")
+    _add_model_arguments(p)
     p.add_argument("--target", "-t", action="append", type=_target_type, metavar="T", required=True,
                    help="backend:dtype, e.g. eager:fp16, autocast:bf16, strict:fp16 (Torch-TensorRT), "
                         "strict-onnx:fp16 (ONNX parser path), inductor:fp16, tensorrt:fp16 (repeatable)")
@@ -588,8 +586,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rel_l2 (default), max_abs, cosine (tol on 1 - cosine) or sqnr (tol in dB, a minimum)")
     p.add_argument("--modules", action="append", metavar="GLOB", default=None,
                    help="per-module rows only for names matching GLOB (repeatable), or 'leaves'; the output is always measured")
-    p.add_argument("--device", type=_device_type, default=None,
-                   help="move the model and inputs there (default: where the factory put the model)")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     p.add_argument("--html", metavar="PATH", help="also write the report as a self-contained HTML page")
     p.add_argument("--margins", action="store_true", help="also measure each leaf's growth margin under every target (a column, JSON, HTML)")
@@ -601,12 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export the factory's model cast to the target dtype, lower it as the target's\n"
                                    "engine does and list per module the ops that reach the engine: dtype, the rule\n"
                                    "that computes each, its FP32 value and whether it may overflow.")
-    p.add_argument("model", metavar="MODULE:FACTORY", help="where to get the model, e.g. models.py:build")
-    p.add_argument("--input", "-i", action="append", type=_input_type, metavar="SPEC", default=[],
-                   help="a shape[:dtype[:n]] of random values or a .safetensors/.pt file (repeatable; see below)")
-    p.add_argument("--input-kwargs", action="store_true",
-                   help="pass the tensors of .safetensors inputs as keyword arguments named by key")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of random inputs (default {DEFAULT_SEED})")
+    _add_model_arguments(p)
     p.add_argument("--target", "-t", type=_target_type, metavar="T", default="strict:fp16",
                    help="strict:fp16 (default; Torch-TensorRT), strict-onnx:fp16 (ONNX parser), or bf16")
     p.add_argument("--keep-fp32", action="append", metavar="NAME", default=None,
@@ -614,8 +605,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16-norms", action="store_true",
                    help="read normalization layers as computed in the dtype (the pessimistic reading)")
     p.add_argument("--all", action="store_true", help="also list ops without arithmetic (views, copies, indexing)")
-    p.add_argument("--device", type=_device_type, default=None,
-                   help="move the model and inputs there (default: where the factory put the model)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the ops that may overflow")
     p.set_defaults(run=_cmd_explain)
 
@@ -656,12 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run each module alone under the target on its FP32 reference inputs scaled by a\n"
                                    "factor, and find by bisection the factor at which it breaks (local error above tol,\n"
                                    "or Inf/NaN where FP32 is finite). Exit 1 when a module breaks below --min-factor.")
-    p.add_argument("model", metavar="MODULE:FACTORY", help="where to get the model, e.g. models.py:build")
-    p.add_argument("--input", "-i", action="append", type=_input_type, metavar="SPEC", default=[],
-                   help="a shape[:dtype[:n]] of random values or a .safetensors/.pt file (repeatable; see 'report --help')")
-    p.add_argument("--input-kwargs", action="store_true",
-                   help="pass the tensors of .safetensors inputs as keyword arguments named by key")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of random inputs (default {DEFAULT_SEED})")
+    _add_model_arguments(p)
     p.add_argument("--target", "-t", type=_target_type, metavar="T", required=True,
                    help="backend:dtype, e.g. strict:fp16, eager:fp16, autocast:fp16, eager:bf16")
     p.add_argument("--tol", type=_tol_type, default=None,
@@ -673,8 +657,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest input growth tried (default 1024); modules fine there never break")
     p.add_argument("--min-factor", type=_tol_type, default=2.0, metavar="S",
                    help="exit 1 when a module breaks below this factor (default 2: less than one doubling)")
-    p.add_argument("--device", type=_device_type, default=None,
-                   help="move the model and inputs there (default: where the factory put the model)")
     p.add_argument("--json", metavar="PATH", help="also write the margins as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="print one line; no progress bars")
     p.set_defaults(run=_cmd_margin)
