@@ -312,3 +312,11 @@ def test_hooks_that_compute_weights_are_kept_on_copies() -> None:
     lin.register_forward_pre_hook(lambda m, a: None)
     drop_observer_hooks(lin)
     assert [type(h).__name__ for h in lin._forward_pre_hooks.values()] == ["WeightNorm"]
+
+
+def test_an_empty_comparison_is_not_a_pass() -> None:
+    from torchprobe.io.dumps import Dump
+
+    empty = Dump.from_tensors({})
+    cmp = tp.compare(empty, empty)
+    assert not cmp and cmp.exit_code == 1 and "no tensors in common" in cmp.verdict()

@@ -134,7 +134,9 @@ class DumpComparison:
         return tuple(row for row in self.rows if not row.passed)
 
     def __bool__(self) -> bool:
-        return not self.missing and all(row.passed for row in self.rows)
+        """True only when something was compared, all of it is within tolerance, and no key of a
+        is missing from b (an empty comparison is not a pass)."""
+        return bool(self.rows) and not self.missing and all(row.passed for row in self.rows)
 
     @property
     def exit_code(self) -> int:
