@@ -475,3 +475,18 @@ def test_report_modules_glob_limits_rows(factory: Path, tmp_path: Path, capsys: 
     assert code == 1, capsys.readouterr().err
     modules = {row["module"] for row in json.loads(out.read_text())["rows"]}
     assert modules == {"fc1", "fc2", "(root)"}
+
+
+def test_margin_with_nothing_measured_is_trouble_not_a_pass(tmp_path: Path) -> None:
+    (tmp_path / "intonly.py").write_text(
+        "import torch\n"
+        "class Emb(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.emb = torch.nn.Embedding(10, 4)\n"
+        "    def forward(self, ids):\n"
+        "        return self.emb(ids)\n"
+        "def build():\n"
+        "    return Emb(), torch.randint(0, 10, (2, 3))\n")
+    proc = run_cli("margin", "intonly:build", "-t", "eager:fp16", cwd=tmp_path)
+    assert_one_line_error(proc, "no module got a margin")

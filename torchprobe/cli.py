@@ -398,6 +398,9 @@ def _cmd_margin(args: argparse.Namespace) -> int:
     model, inputs = _model_and_inputs(args, [args.target])
     mg = margin(model, inputs, str(args.target), modules=args.modules, tol=args.tol, max_factor=args.max_factor,
                 metric=args.metric)
+    if len(mg) == 0:  # nothing measured is not a pass
+        why = "; ".join(f"{s.module}: {s.why}" for s in mg.skipped[:3]) or "no module ran"
+        raise CliError(f"no module got a margin under {mg.target} ({why}); choose modules with --modules")
     low = mg.below(args.min_factor)
     if args.quiet:
         w = mg.weakest
